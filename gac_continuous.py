@@ -354,6 +354,7 @@ class PriorEncoder(nn.Module):
     def __init__(self, obs_dim: int, d_model: int, n_latent: int, n_layer: int, n_head: int):
         super().__init__()
         self.embed_state = nn.Linear(obs_dim, d_model)
+        self.embed_latent = nn.Linear(d_model, d_model)  # without it, LayerNorm would ignore z0 -> z0 + c
         self.token_type = nn.Parameter(torch.zeros(1, 1 + n_latent, d_model))  # tells s0 and each z0 token apart
         self.blocks = nn.ModuleList(
             Block(d_model, n_head, 0.0, causal=False, cross_attention=False) for _ in range(n_layer)
@@ -362,7 +363,7 @@ class PriorEncoder(nn.Module):
 
     def forward(self, z0: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
         # z0: [B, n_latent, d_model], s0: [B, obs_dim] -> plan tokens [B, n_latent, d_model]
-        x = torch.cat([self.embed_state(s0)[:, None], z0], dim=1) + self.token_type
+        x = torch.cat([self.embed_state(s0)[:, None], self.embed_latent(z0)], dim=1) + self.token_type
         for block in self.blocks:
             x = block(x)
         return self.ln_f(x[:, 1:])
@@ -625,7 +626,8 @@ def rollout(
     description: str,
 ) -> dict:
     """Runs exactly `num_episodes` episodes, env i running a fixed quota of them (so short episodes are not
-    over-represented), each with one plan chosen at its reset by `choose_plan(s0) -> (z0, info)`.
+    over-represented), each with one plan chosen at its reset by `choose_plan(s0) -> (z0, info)`. Returns each
+    episode's return, length, states, actions, and plan (z0 and the info of its choice).
 
     The vector env autoresets in the same step (Gymnasium 1.x SAME_STEP mode): the observation returned with
     a done flag is the next episode's s0, and every `step` call is one real step of every env, so no step is
@@ -649,8 +651,8 @@ def rollout(
     t = np.zeros(N, dtype=int)
     episode_return = np.zeros(N)
     trajectory = [{"states": [], "actions": []} for _ in range(N)]
-    episodes = {"returns_raw": [], "lengths": [], "states": [], "actions": [], "z0": [], "plan": []}
-    current = [{key: value[i] for key, value in plan_info.items()} | {"z0": z0[i]} for i in range(N)]
+    episodes = {"returns_raw": [], "lengths": [], "states": [], "actions": [], "plan": []}
+    current_plan = [{"z0": z0[i]} | {key: value[i] for key, value in plan_info.items()} for i in range(N)]
     low, high = envs.single_action_space.low, envs.single_action_space.high
 
     with progress_bar() as progress:
@@ -679,8 +681,7 @@ def rollout(
                     episodes["lengths"].append(t[i])
                     episodes["states"].append(np.stack(trajectory[i]["states"]))
                     episodes["actions"].append(np.stack(trajectory[i]["actions"]))
-                    episodes["z0"].append(current[i].pop("z0"))
-                    episodes["plan"].append(current[i])
+                    episodes["plan"].append(current_plan[i])
                     finished[i] += 1
                     progress.advance(task)
                     progress.update(task, info=f"return {np.mean(episodes['returns_raw']):.1f}")
@@ -691,7 +692,7 @@ def rollout(
                 with torch.no_grad():
                     plan_tokens[restart] = model.plan(new_z0, states[restart])[1]
                 for j, i in enumerate(restart):
-                    current[i] = {key: value[j] for key, value in new_info.items()} | {"z0": new_z0[j]}
+                    current_plan[i] = {"z0": new_z0[j]} | {key: value[j] for key, value in new_info.items()}
     return episodes
 
 
@@ -1009,7 +1010,7 @@ if __name__ == "__main__":
                 )
             )
             # the new trajectories' local posteriors start at the plan that generated them
-            posterior_mu = torch.cat([posterior_mu, torch.stack(episodes["z0"])])
+            posterior_mu = torch.cat([posterior_mu, torch.stack([p["z0"] for p in episodes["plan"]])])
             posterior_logvar = torch.cat([posterior_logvar, torch.stack([p["logvar"] for p in episodes["plan"]])])
             timings["online_collection"] += time.time() - start
             writer.add_scalar("online/round", round_index + 1, iteration)

@@ -1,0 +1,103 @@
+"""gac_continuous.py end to end, in a subprocess, on a tiny Minari dataset made by the test fixture."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from conftest import ROOT, TINY_HOPPER
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+SCRIPT = os.path.join(ROOT, "gac_continuous.py")
+TINY_FLAGS = [
+    "--dataset-id", TINY_HOPPER, "--d-model", "32", "--n-head", "2", "--context-len", "8", "--batch-size", "8",
+    "--num-iterations", "20", "--warmup-iterations", "5", "--eval-every", "10", "--log-every", "5",
+    "--eval-episodes", "2", "--num-envs", "2", "--num-candidates", "4", "--exploit-steps", "5",
+    "--explore-steps", "5", "--online-rounds", "1", "--episodes-per-round", "3", "--online-iterations", "5",
+]  # fmt: skip
+
+
+def run(args, cwd, check=True, **kwargs):
+    result = subprocess.run([sys.executable, SCRIPT, *args], cwd=cwd, capture_output=True, text=True, **kwargs)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def only_run_dir(cwd):
+    (name,) = os.listdir(os.path.join(cwd, "runs"))
+    return os.path.join(cwd, "runs", name)
+
+
+def scalars(run_dir, tag):
+    events = EventAccumulator(run_dir, size_guidance={"scalars": 0})
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def test_end_to_end_offline_evaluation_and_one_online_round(minari_root, tmp_path):
+    run(TINY_FLAGS + ["--exp-name", "smoke"], cwd=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    assert metrics["dataset_id"] == TINY_HOPPER and "Minari reference scores" in metrics["normalisation"]
+    assert [e["iteration"] for e in metrics["evaluations"]] == [10, 20, 25]
+    assert metrics["online"][0]["round"] == 1 and "target_score" in metrics["online"][0]
+    assert set(metrics["timings_s"]) >= {"data_loading", "offline_training", "evaluation", "online_collection"}
+    tags = EventAccumulator(run_dir).Reload().Tags()
+    for tag in ["losses/elbo", "losses/kl", "losses/kl_free_bits", "losses/action_nll_per_step",
+                "losses/return_nll", "charts/active_latent_dims", "eval/normalized_score", "online/target_score",
+                "online/achieved_score", "online/buffer_trajectories", "inference/iteration_20/chosen_y"]:  # fmt: skip
+        assert tag in tags["scalars"], tag
+    assert "eval/inference_dynamics" in tags["images"]
+    assert os.path.exists(os.path.join(run_dir, "inference_dynamics_20.png"))
+
+
+def test_same_seed_same_losses(minari_root, tmp_path):
+    flags = TINY_FLAGS + ["--online-rounds", "0", "--seed", "3"]
+    for name in ["a", "b"]:
+        run(flags + ["--exp-name", name], cwd=tmp_path)
+    dirs = sorted(os.listdir(tmp_path / "runs"))
+    first, second = (scalars(os.path.join(tmp_path, "runs", d), "losses/elbo") for d in dirs)
+    assert len(first) == 4 and first == second
+    other = tmp_path / "other"
+    other.mkdir()
+    run(TINY_FLAGS + ["--online-rounds", "0", "--seed", "4"], cwd=other)
+    assert scalars(only_run_dir(other), "losses/elbo") != first
+
+
+def test_a_killed_run_resumes_from_its_checkpoint(minari_root, tmp_path):
+    flags = TINY_FLAGS + ["--num-iterations", "150", "--eval-every", "1000", "--checkpoint-every", "10",
+                          "--save-model", "--online-rounds", "1"]  # fmt: skip
+    process = subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not (tmp_path / "runs").exists() or not os.path.exists(os.path.join(only_run_dir(tmp_path), "checkpoint.pt")):
+        assert time.time() < deadline and process.poll() is None, "no checkpoint was written"
+        time.sleep(0.1)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    run_dir = only_run_dir(tmp_path)
+    assert not os.path.exists(os.path.join(run_dir, "metrics.json")) or "online" not in json.load(
+        open(os.path.join(run_dir, "metrics.json"))
+    )
+    result = run(["--resume", run_dir], cwd=tmp_path)
+    assert "resumed" in result.stdout
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    assert metrics["offline"]["iteration"] == 150 and metrics["online"][0]["iteration"] == 155
+    steps = [step for step, _ in scalars(run_dir, "losses/elbo")]
+    assert steps == sorted(set(steps)) and steps[-1] == 155  # no step logged twice after the purge
+
+
+def test_bad_input_gets_one_line(minari_root, tmp_path):
+    for flags, expected in [
+        (["--env-id", "Pendulum"], "valid: Hopper, Walker2d, HalfCheetah, Ant"),
+        (["--dataset-id", "mujoco/hopper/nonexistent-v0"], "minari download mujoco/hopper/nonexistent-v0"),
+        (["--dataset-id", TINY_HOPPER, "--quantile", "2"], "--quantile must be in [0, 1]"),
+        (["--resume", str(tmp_path / "nowhere")], "no checkpoint at"),
+    ]:
+        result = run(flags, cwd=tmp_path, check=False)
+        assert result.returncode != 0
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, result.stderr

@@ -1,0 +1,328 @@
+"""Unit tests for the pieces of gac_continuous.py that can be wrong quietly."""
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+import gac_continuous as gac
+
+
+def tiny_args(**overrides) -> gac.Args:
+    defaults = dict(d_model=16, n_layer=2, n_head=2, prior_layers=1, n_latent=3, context_len=4, dropout=0.0)
+    return gac.Args(**(defaults | overrides))
+
+
+def tiny_model(obs_dim=3, act_dim=2, max_len=16, **overrides) -> gac.GAC:
+    """A small random model whose return head is initialised wide enough that E[y | z] varies with z."""
+    torch.manual_seed(0)
+    model = gac.GAC(obs_dim, act_dim, tiny_args(**overrides), max_len)
+    for layer in model.return_head:
+        if isinstance(layer, torch.nn.Linear):
+            torch.nn.init.normal_(layer.weight, std=0.5)
+    return model
+
+
+# ---- returns, normalised scores, state normalisation ----
+
+
+def test_episode_returns_are_undiscounted_sums():
+    rewards = [np.array([1.0, 2.0, 3.0]), np.array([-1.0]), np.full(1000, 0.1, dtype=np.float32)]
+    np.testing.assert_allclose(gac.episode_returns(rewards), [6.0, -1.0, 100.0], rtol=1e-6)
+
+
+def test_normalised_score_maps_reference_scores_to_0_and_1():
+    y = gac.normalize_returns(np.array([-20.0, 3000.0, 1490.0]), ref_min=-20.0, ref_max=3000.0)
+    np.testing.assert_allclose(y, [0.0, 1.0, 0.5])
+
+
+def test_reference_scores_come_from_metadata_or_the_dataset_range():
+    class Storage:
+        metadata = {"ref_min_score": -5.0, "ref_max_score": 15.0}
+
+    class Dataset:
+        storage = Storage()
+
+    assert gac.reference_scores(Dataset(), np.array([1.0, 2.0]))[:2] == (-5.0, 15.0)
+    Storage.metadata = {}
+    ref_min, ref_max, text = gac.reference_scores(Dataset(), np.array([1.0, 4.0, 2.0]))
+    assert (ref_min, ref_max) == (1.0, 4.0) and "no reference scores" in text
+
+
+def test_state_normaliser_standardises_and_keeps_constant_dimensions_finite():
+    rng = np.random.default_rng(0)
+    states = np.concatenate([rng.normal(5.0, 3.0, size=(1000, 2)), np.full((1000, 1), 7.0)], axis=1)
+    normalize = gac.StateNormalizer(states.astype(np.float32))
+    out = normalize(states)
+    assert out.dtype == np.float32
+    np.testing.assert_allclose(out[:, :2].mean(0), 0.0, atol=1e-4)
+    np.testing.assert_allclose(out[:, :2].std(0), 1.0, atol=1e-4)
+    assert np.all(out[:, 2] == 0.0) and np.isfinite(normalize(np.array([[0.0, 0.0, 8.0]]))).all()
+
+
+# ---- padding and masks ----
+
+
+def test_padding_and_mask_keep_every_step_and_nothing_more():
+    states = [np.ones((3, 2)), 2 * np.ones((5, 2))]
+    actions = [np.ones((3, 1)), 2 * np.ones((5, 1))]
+    padded_states, padded_actions, lengths = gac.pad_trajectories(states, actions, 8, torch.device("cpu"))
+    assert padded_states.shape == (2, 8, 2) and padded_actions.shape == (2, 8, 1)
+    assert lengths.tolist() == [3, 5]
+    mask = gac.valid_mask(lengths, 8)
+    assert mask.sum(1).tolist() == [3.0, 5.0]
+    assert torch.equal(padded_actions[..., 0] != 0, mask.bool())
+    assert padded_states[0, 3:].abs().sum() == 0 and padded_states[1, :5].eq(2).all()
+
+
+# ---- the KL and free bits ----
+
+
+def test_gaussian_kl_matches_torch_distributions():
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(4, 3, 8), torch.randn(4, 3, 8)
+    q = torch.distributions.Normal(mu, (0.5 * logvar).exp())
+    p = torch.distributions.Normal(torch.zeros_like(mu), torch.ones_like(mu))
+    expected = torch.distributions.kl_divergence(q, p).sum(-1)
+    torch.testing.assert_close(gac.gaussian_kl(mu, logvar), expected)
+    assert gac.gaussian_kl(torch.zeros(1, 2, 5), torch.zeros(1, 2, 5)).abs().max() == 0
+
+
+def test_free_bits_clamp_each_token_and_stop_its_gradient():
+    kl = torch.tensor([[0.2, 3.0], [0.4, 5.0]], requires_grad=True)  # token 0 averages 0.3 nats, token 1 4.0
+    total = gac.free_bits_kl(kl, free_bits=1.0)
+    assert total.item() == pytest.approx(1.0 + 4.0)
+    (grad,) = torch.autograd.grad(total, kl)
+    assert torch.all(grad[:, 0] == 0) and torch.allclose(grad[:, 1], torch.tensor(0.5))
+    assert gac.free_bits_kl(kl, 0.0).item() == pytest.approx(0.3 + 4.0)
+
+
+# ---- the exploration target ----
+
+
+def test_exploration_target_is_quantile_plus_delta():
+    returns = torch.arange(101, dtype=torch.float32) / 100  # 0.00 .. 1.00
+    assert gac.exploration_target(returns, 0.8, 0.1) == pytest.approx(0.9)
+    assert gac.exploration_target(returns, 1.0, 0.0) == pytest.approx(1.0)
+    rng = np.random.default_rng(1)
+    values = rng.normal(size=37)
+    assert gac.exploration_target(torch.tensor(values), 0.3, -0.2) == pytest.approx(np.quantile(values, 0.3) - 0.2)
+
+
+# ---- the model ----
+
+
+def test_generator_is_causal_within_a_block_and_blind_across_blocks():
+    model = tiny_model().eval()
+    B, T = 1, 8  # two blocks of context_len=4
+    states, actions = torch.randn(B, T, 3), torch.randn(B, T, 2)
+    timesteps = torch.arange(T).expand(B, T)
+    plan = torch.randn(B, 2, 16)
+    base = model.generator(states, actions, timesteps, plan)
+    changed = states.clone()
+    changed[0, 5] += 1.0  # a state in the second block
+    out = model.generator(changed, actions, timesteps, plan)
+    assert torch.equal(out[0, :5], base[0, :5])  # the past never sees the future
+    assert not torch.allclose(out[0, 5:], base[0, 5:])  # later steps of the block do see it
+    changed_action = actions.clone()
+    changed_action[0, 1] += 1.0  # a_1 may change a_2, a_3 but not a_0, a_1 (a_t is read from s_t) nor block 2
+    out = model.generator(states, changed_action, timesteps, plan)
+    assert torch.equal(out[0, :2], base[0, :2]) and torch.equal(out[0, 4:], base[0, 4:])
+    assert not torch.allclose(out[0, 2:4], base[0, 2:4])
+
+
+def test_acting_with_a_rolling_block_reproduces_the_training_conditionals():
+    """The rollout writes step t into slot t % K of a K-step buffer that still holds stale later slots; the
+    action it reads must equal the one the training forward computes for the whole trajectory."""
+    model = tiny_model().eval()
+    K, T = 4, 11
+    states, actions = torch.randn(1, 12, 3), torch.randn(1, 12, 2)
+    plan = torch.randn(1, 2, 16)
+    full = model.generator(states, actions, torch.arange(12)[None], plan)
+    block_states, block_actions = torch.randn(1, K, 3), torch.randn(1, K, 2)  # stale garbage
+    for t in range(T):
+        slot = t % K
+        block_states[0, slot] = states[0, t]
+        timesteps = (t - slot) + torch.arange(K)[None]
+        action = gac.act(model, block_states, block_actions, timesteps, plan, torch.tensor([slot]), gac_nullcontext)
+        torch.testing.assert_close(action[0], full[0, t])
+        block_actions[0, slot] = actions[0, t]
+
+
+def gac_nullcontext():
+    import contextlib
+
+    return contextlib.nullcontext()
+
+
+def test_plan_depends_on_the_initial_state_and_the_latent():
+    model = tiny_model().eval()
+    z0, s0 = torch.randn(2, 3, 16), torch.randn(2, 3)
+    y = model.predicted_return(z0, s0)
+    assert y.shape == (2,)
+    assert not torch.allclose(model.predicted_return(z0, s0 + 1.0), y)
+    assert not torch.allclose(model.predicted_return(z0 + 1.0, s0), y)
+
+
+# ---- inference ----
+
+
+def test_gradient_ascent_raises_the_expected_return():
+    model = tiny_model().eval()
+    args = tiny_args(num_candidates=8, exploit_steps=30, exploit_lr=0.05, exploit_kl_weight=0.0)
+    s0 = torch.randn(5, 3)
+    torch.manual_seed(1)
+    z0, trace, best = gac.exploit_plans(model, s0, args, gac_nullcontext)
+    assert trace.shape == (31, 5, 8) and z0.shape == (5, 3, 16)
+    assert (trace[-1].mean() > trace[0].mean() + 1e-3).item()
+    chosen = trace[-1, torch.arange(5), best]
+    assert torch.equal(chosen, trace[-1].max(1).values)  # with no penalty the best is the highest E[y | z]
+    torch.testing.assert_close(model.predicted_return(z0, s0), chosen, atol=1e-5, rtol=1e-5)
+
+
+def test_prior_ablation_uses_one_unoptimised_prior_sample():
+    model = tiny_model().eval()
+    args = tiny_args(num_candidates=1, exploit_steps=0)
+    torch.manual_seed(3)
+    z0, trace, _ = gac.exploit_plans(model, torch.randn(4, 3), args, gac_nullcontext)
+    torch.manual_seed(3)
+    torch.randn(4, 3)
+    assert trace.shape == (1, 4, 1) and torch.equal(z0, torch.randn(4, 3, 16))
+
+
+def test_local_variational_inference_raises_the_elbo():
+    torch.manual_seed(0)
+    target = torch.randn(6, 3, 16)
+
+    def log_likelihood(z0):  # a Gaussian likelihood around `target`
+        return -0.5 * ((z0 - target) ** 2).sum((1, 2)) / 0.1
+
+    def elbo(mu, logvar, eps):
+        z0 = mu + (0.5 * logvar).exp() * eps
+        return (log_likelihood(z0) - gac.gaussian_kl(mu, logvar).sum(1)).mean()
+
+    mu, logvar, eps = torch.zeros(6, 3, 16), torch.full((6, 3, 16), -5.0), torch.randn(6, 3, 16)
+    new_mu, new_logvar = gac.fit_local_posteriors(mu, logvar, eps, log_likelihood, steps=20, lr=0.1, free_bits=0.0)
+    assert elbo(new_mu, new_logvar, eps) > elbo(mu, logvar, eps) + 10
+    assert ((new_mu - target).norm() < (mu - target).norm()).item()
+
+
+def test_exploration_plans_move_the_prediction_towards_the_target():
+    model = tiny_model().eval()
+    s0 = torch.randn(16, 3)
+    with torch.no_grad():
+        prior_prediction = model.predicted_return(torch.randn(16, 3, 16), s0)
+    target = float(prior_prediction.mean() + 2 * prior_prediction.std())
+    args = tiny_args(explore_steps=60, explore_lr=0.1, return_std=0.01)
+    z0, mu, logvar = gac.explore_plans(model, s0, target, args, gac_nullcontext)
+    assert z0.shape == mu.shape == logvar.shape == (16, 3, 16)
+    error_after = (model.predicted_return(z0, s0) - target).abs().mean()
+    assert error_after < (prior_prediction - target).abs().mean()
+
+
+def test_train_iteration_fills_the_local_posteriors_and_returns_every_term():
+    torch.manual_seed(0)
+    model = tiny_model(max_len=8)
+    args = tiny_args(batch_size=3, inner_steps=2)
+    states, actions, lengths = gac.pad_trajectories(
+        [np.random.randn(n, 3) for n in (3, 8, 5)], [np.random.rand(n, 2) * 2 - 1 for n in (3, 8, 5)], 8, "cpu"
+    )
+    buffer = gac.TrajectoryBuffer(
+        states, actions, lengths, torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.1, 0.5, 0.9])
+    )
+    mu, logvar = torch.zeros(3, 3, 16), torch.full((3, 3, 16), -5.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    generator = torch.Generator().manual_seed(0)
+    losses = gac.train_iteration(model, optimizer, scheduler, buffer, mu, logvar, args, generator, gac_nullcontext)
+    expected = {"losses/action_nll_per_step", "losses/return_nll", "losses/return_mse", "losses/kl",
+                "losses/kl_free_bits", "losses/elbo", "charts/posterior_std", "charts/tokens"}  # fmt: skip
+    assert set(losses) == expected
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in losses.values())
+    assert losses["losses/kl_free_bits"] >= losses["losses/kl"] - 1e-5
+    assert mu.abs().sum() > 0  # the batch's posteriors moved and were written back
+    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_active_latent_dims_sees_collapse():
+    assert gac.active_latent_dims(torch.zeros(50, 2, 4)) == 0
+    mu = torch.zeros(50, 2, 4)
+    mu[:, 0, 1] = torch.linspace(-1, 1, 50)
+    assert gac.active_latent_dims(mu) == 1
+
+
+# ---- checkpoints ----
+
+
+def test_checkpoint_round_trips_with_weights_only(tmp_path):
+    model = tiny_model()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "posterior_mu": torch.randn(4, 3, 16),
+             "iteration": 7, "args": {"seed": 1, "fixed_target": None}, "metrics": '{"a": 1}'}  # fmt: skip
+    path = str(tmp_path / "checkpoint.pt")
+    gac.save_checkpoint(path, state)
+    assert not (tmp_path / "checkpoint.pt.tmp").exists()
+    loaded = torch.load(path, weights_only=True)
+    other = gac.GAC(3, 2, tiny_args(), 16)
+    other.load_state_dict(loaded["model"])
+    for a, b in zip(model.state_dict().values(), other.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    assert torch.equal(loaded["posterior_mu"], state["posterior_mu"]) and loaded["iteration"] == 7
+
+
+# ---- vectorised rollouts: no step lost or doubled ----
+
+
+class CountingEnv(gym.Env):
+    """Observation = (step in episode, episodes begun so far); reward 1 per step; lengths vary with the seed."""
+
+    observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
+
+    def __init__(self):
+        self.episodes_begun = -1
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.episodes_begun = 0, self.episodes_begun + 1
+        self.length = int(self.np_random.integers(2, 9))
+        return np.array([self.t, self.episodes_begun], dtype=np.float32), {}
+
+    def step(self, action):
+        self.t += 1
+        obs = np.array([self.t, self.episodes_begun], dtype=np.float32)
+        return obs, 1.0, self.t >= self.length, False, {}
+
+
+def test_rollout_records_every_step_of_every_episode_once():
+    model = tiny_model(obs_dim=2, act_dim=1, max_len=16).eval()
+    args = tiny_args()
+    envs = gym.vector.SyncVectorEnv([CountingEnv for _ in range(3)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+    def choose_plan(s0):
+        return torch.zeros(len(s0), 3, 16), {"s0": s0.clone()}
+
+    episodes = gac.rollout(
+        envs, model, choose_plan, 7, lambda obs: obs.astype(np.float32), args, 0, gac_nullcontext, "t"
+    )
+    assert len(episodes["returns_raw"]) == 7
+    for states, actions, length, ret, plan in zip(episodes["states"], episodes["actions"], episodes["lengths"],
+                                                  episodes["returns_raw"], episodes["plan"], strict=True):  # fmt: skip
+        assert len(states) == len(actions) == length == ret  # reward 1 per step
+        assert states[:, 0].tolist() == list(range(length))  # consecutive steps from the reset
+        assert torch.equal(plan["s0"], torch.as_tensor(states[0]))  # the plan was chosen from this episode's s0
+    counters = sorted(float(s[0, 1]) for s in episodes["states"])
+    assert counters == [0, 0, 0, 1, 1, 1, 2]  # quotas 3, 2, 2: each env's first episodes, none skipped
+    envs.close()
+
+
+def test_a_bad_flag_and_an_unknown_env_end_with_one_line():
+    with pytest.raises(SystemExit, match="--quantile must be in"):
+        gac.check_args(gac.Args(quantile=1.5))
+    with pytest.raises(SystemExit, match="valid: Hopper, Walker2d, HalfCheetah, Ant"):
+        gac.resolve_dataset_id(gac.Args(env_id="Pendulum"))
+    assert gac.resolve_dataset_id(gac.Args(env_id="walker2d", dataset="expert")) == "mujoco/walker2d/expert-v0"
+    assert math.isfinite(gac.LOG_SQRT_2PI)
