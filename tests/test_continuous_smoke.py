@@ -7,8 +7,9 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT, TINY_HOPPER
+from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tiny_datasets import TINY_HOPPER
 
 SCRIPT = os.path.join(ROOT, "gac_continuous.py")
 TINY_FLAGS = [
