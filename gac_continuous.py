@@ -758,7 +758,6 @@ if __name__ == "__main__":
         run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join("runs", run_name)
     dataset_id = resolve_dataset_id(args)
-    os.makedirs(run_dir, exist_ok=True)
     timings = {
         "data_loading": 0.0,
         "offline_training": 0.0,
@@ -801,6 +800,7 @@ if __name__ == "__main__":
         f"dataset score {100 * buffer.y.mean():.1f} +- {100 * buffer.y.std():.1f}; normalisation: {normalisation}"
     )
     timings["data_loading"] = time.time() - run_start
+    os.makedirs(run_dir, exist_ok=True)
 
     # ---- model, optimiser, local posteriors ----
     model = GAC(obs_dim, act_dim, args, padded_len).to(device)
@@ -823,7 +823,7 @@ if __name__ == "__main__":
             buffer = buffer.append(TrajectoryBuffer(**{k: v.to(device) for k, v in online.items()}))
         posterior_mu = checkpoint["posterior_mu"].to(device)
         posterior_logvar = checkpoint["posterior_logvar"].to(device)
-        generator.set_state(checkpoint["generator_state"].to(generator.get_state().device))
+        generator.set_state(checkpoint["generator_state"])
         torch.set_rng_state(checkpoint["torch_rng_state"])
         iteration, start_round = checkpoint["iteration"], checkpoint["round"]
         metrics = json.loads(checkpoint["metrics"])
