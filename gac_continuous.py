@@ -635,7 +635,6 @@ def rollout(
     the block-causal context the model was trained with."""
     device = next(model.parameters()).device
     N, K = envs.num_envs, args.context_len
-    obs_dim, act_dim = envs.single_observation_space.shape[0], envs.single_action_space.shape[0]
     quota = np.array([num_episodes // N + (i < num_episodes % N) for i in range(N)])
     finished = np.zeros(N, dtype=int)
     model.eval()
@@ -646,8 +645,8 @@ def rollout(
     z0, plan_info = choose_plan(states)
     with torch.no_grad():
         plan_tokens = model.plan(z0, states)[1]
-    block_states = torch.zeros(N, K, obs_dim, device=device)
-    block_actions = torch.zeros(N, K, act_dim, device=device)
+    block_states = torch.zeros(N, K, states.shape[1], device=device)
+    block_actions = torch.zeros(N, K, envs.single_action_space.shape[0], device=device)
     t = np.zeros(N, dtype=int)
     episode_return = np.zeros(N)
     trajectory = [{"states": [], "actions": []} for _ in range(N)]
@@ -850,6 +849,7 @@ if __name__ == "__main__":
         "dataset_episodes": n_offline,
         "dataset_steps": int(buffer.lengths[:n_offline].sum()),
         "dataset_algorithm": dataset.storage.metadata.get("algorithm_name"),
+        "dataset_description": dataset.storage.metadata.get("description"),
         "normalisation": normalisation,
         "eval_env": env_spec.id,
         "device": str(device),

@@ -1,0 +1,1282 @@
+# Generative Actor Critic (Qin et al., arXiv 2512.21527) on Maze2D (PointMaze) from Minari datasets. Docs: README.md
+"""Generative Actor Critic (GAC) for Maze2D, in one file.
+
+GAC learns the joint distribution of trajectories tau and returns y through a latent plan z:
+
+    p(tau, y, z | s0) = p_alpha(z | s0) p_beta(tau | z) p_gamma(y | z),    z = U_alpha(z0, s0),  z0 ~ N(0, I)
+
+It is trained on the ELBO with local variational inference (one Gaussian q_i(z0) per trajectory) and acts
+by inference on that model: gradient ascent on E[y | z] to exploit, sampling z given an optimistic target
+return y+ to explore while fine-tuning online. Without a network the PointMaze datasets are regenerated here by
+Minari's published recipe.
+"""
+
+import contextlib
+import glob
+import json
+import math
+import os
+import random
+import sys
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import tyro
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from torch.utils.tensorboard import SummaryWriter
+
+
+@dataclass
+class Args:
+    exp_name: str = os.path.basename(__file__)[: -len(".py")]
+    """the name of this experiment"""
+    seed: int = 1
+    """seed of the experiment (a CPU run with the same seed repeats exactly)"""
+    torch_deterministic: bool = True
+    """if toggled, cuDNN and CUDA pick deterministic algorithms (slower on the GPU, same results run to run)"""
+    cuda: bool = True
+    """if toggled, use CUDA when it is available (bf16 autocast and TF32 matmuls there)"""
+    track: bool = False
+    """if toggled, mirror the TensorBoard logs to Weights and Biases (needs `pip install wandb`)"""
+    wandb_project_name: str = "gac"
+    """the wandb project name"""
+    wandb_entity: str | None = None
+    """the entity (team) of the wandb project"""
+    save_model: bool = False
+    """if toggled, write runs/{run_name}/checkpoint.pt (model, optimiser, local posteriors, online data)"""
+    resume: str | None = None
+    """a checkpoint.pt (or the run folder holding one) to continue a killed run from; implies --save-model"""
+
+    # Data
+    env_id: str = "umaze"
+    """the maze: umaze, medium or large; the Minari id is D4RL/pointmaze/<maze>-v2"""
+    dataset_id: str | None = None
+    """any Minari PointMaze dataset id, local or remote (its maze must match --env-id)"""
+    dataset_steps: int = 1_000_000
+    """steps of a regenerated dataset (when the Minari one is neither local nor downloadable)"""
+    training_return: str = "hindsight"
+    """what a training trajectory's y means: hindsight (the evaluation return of reaching its goal when it did and
+    staying) or dataset (the stored rewards: 1 for every goal-to-goal episode)"""
+
+    # Model
+    d_model: int = 128
+    """width of every token (states, actions, latent plan tokens)"""
+    n_layer: int = 3
+    """transformer blocks of the trajectory generator p_beta(tau | z)"""
+    n_head: int = 1
+    """attention heads in every block"""
+    prior_layers: int = 2
+    """transformer blocks of the prior encoder U_alpha(z0, s0)"""
+    n_latent: int = 4
+    """latent plan tokens (z0 has n_latent x d_model dimensions)"""
+    n_return_tokens: int = 1
+    """how many of the plan tokens feed the return predictor; the others are the generator's memory"""
+    context_len: int = 32
+    """context of the generator in timesteps: trajectories are cut into blocks of this many steps"""
+    dropout: float = 0.1
+    """dropout in the generator"""
+
+    # Learning: the ELBO with local variational inference
+    num_iterations: int = 5000
+    """global (parameter) updates of the offline phase"""
+    batch_size: int = 64
+    """trajectories per update, drawn in proportion to their length"""
+    learning_rate: float = 3e-4
+    """AdamW learning rate of the model parameters (alpha, beta, gamma)"""
+    weight_decay: float = 1e-4
+    """AdamW weight decay"""
+    warmup_iterations: int = 500
+    """linear learning-rate warm-up, then constant (the online rounds continue at the same rate)"""
+    max_grad_norm: float = 0.25
+    """gradient clipping of the parameter update"""
+    inner_steps: int = 3
+    """Adam steps on each batch trajectory's local posterior q_i(z0) before the global step"""
+    posterior_lr: float = 0.1
+    """Adam learning rate of the local posteriors (mu_i, log sigma_i^2)"""
+    posterior_init_logvar: float = -5.0
+    """initial log-variance of a new trajectory's local posterior (its mean starts at 0)"""
+    free_bits: float = 1.0
+    """nats per latent token below which the batch-averaged KL is not penalised (free bits)"""
+    return_std: float = 0.1
+    """standard deviation of p_gamma(y | z) in normalised-return units (y = normalised score / 100)"""
+
+    # Exploitation (evaluation): gradient ascent on the plan
+    num_candidates: int = 16
+    """candidate plans z0 ~ N(0, I) per episode; the best after ascent is used"""
+    exploit_steps: int = 50
+    """gradient-ascent steps on E[y | z] - kl_weight/2 ||z0||^2 (0 with --num-candidates 1: plans from the prior)"""
+    exploit_lr: float = 0.05
+    """Adam learning rate of the ascent"""
+    exploit_kl_weight: float = 0.01
+    """lambda: weight of the KL penalty (lambda/2 ||z0||^2) that keeps plans near the prior"""
+    eval_episodes: int = 10
+    """episodes per evaluation"""
+    eval_every: int = 1000
+    """evaluate every this many offline iterations (and always at the end of the offline phase)"""
+
+    # Exploration: online fine-tuning with optimistic targets
+    online_rounds: int = 3
+    """rounds of (collect, train, evaluate) after the offline phase; 0 for offline only"""
+    episodes_per_round: int = 50
+    """episodes collected with exploration plans per round"""
+    online_iterations: int = 1000
+    """global updates on the grown buffer per round"""
+    quantile: float = 0.8
+    """q: the target is y+ = quantile_q(buffer returns) + delta_y"""
+    delta_y: float = 0.1
+    """optimism of the target, in normalised-return units (0.1 = 10 normalised points)"""
+    fixed_target: float | None = None
+    """ablation: condition exploration on this fixed y* (normalised units) instead of the dynamic y+"""
+    explore_steps: int = 50
+    """Adam steps of the variational fit of p(z0 | y+, s0)"""
+    explore_lr: float = 0.05
+    """Adam learning rate of that fit"""
+    num_envs: int = 10
+    """environments stepped together (evaluation and collection)"""
+    checkpoint_every: int = 1000
+    """with --save-model: write the checkpoint every this many offline iterations"""
+    log_every: int = 100
+    """log the training losses every this many iterations"""
+
+
+def fail(message: str):
+    """Bad input ends the run with one line, not a traceback."""
+    raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'gac_maze2d.py'}: error: {message}")
+
+
+def check_args(args: Args):
+    positive = """d_model n_layer n_head prior_layers n_latent n_return_tokens context_len batch_size num_candidates
+        eval_episodes eval_every episodes_per_round num_envs checkpoint_every log_every""".split()
+    for name in positive:
+        if getattr(args, name) < 1:
+            fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    non_negative = """num_iterations warmup_iterations inner_steps exploit_steps online_rounds online_iterations
+        explore_steps free_bits exploit_kl_weight weight_decay""".split()
+    for name in non_negative:
+        if getattr(args, name) < 0:
+            fail(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+    for name in ["learning_rate", "posterior_lr", "exploit_lr", "explore_lr", "return_std", "max_grad_norm"]:
+        if not getattr(args, name) > 0:
+            fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0.0 <= args.quantile <= 1.0:
+        fail(f"--quantile must be in [0, 1], got {args.quantile}")
+    if not 0.0 <= args.dropout < 1.0:
+        fail(f"--dropout must be in [0, 1), got {args.dropout}")
+    if args.d_model % args.n_head:
+        fail(f"--d-model ({args.d_model}) must be divisible by --n-head ({args.n_head})")
+    if args.training_return not in ("hindsight", "dataset"):
+        fail(f"--training-return must be hindsight or dataset, got {args.training_return!r}")
+    if args.dataset_steps < 1000:
+        fail(f"--dataset-steps must be at least 1000, got {args.dataset_steps}")
+    if args.n_return_tokens >= args.n_latent:
+        fail(f"--n-return-tokens ({args.n_return_tokens}) must be below --n-latent ({args.n_latent})")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data: PointMaze episodes (regenerated by Minari's recipe when needed) -> padded trajectories on the device
+# ---------------------------------------------------------------------------------------------------------------
+
+# maze -> (PointMaze env name, evaluation goal cell (row, col), evaluation episode length)
+MAZES = {"umaze": ("UMaze", (1, 1), 300), "medium": ("Medium", (6, 6), 600), "large": ("Large", (7, 9), 800)}
+GOAL_RADIUS = 0.45  # PointMaze's sparse reward: 1 when the point is this close to the goal
+REGENERATED_NAMESPACE = "gac-regenerated"  # ids like gac-regenerated/pointmaze/umaze-v2 can't pass for Minari's
+
+
+def resolve_dataset_id(args: Args) -> str:
+    if args.env_id.lower() not in MAZES:
+        fail(f"unknown --env-id {args.env_id!r}; valid: {', '.join(MAZES)}")
+    return args.dataset_id or f"D4RL/pointmaze/{args.env_id.lower()}-v2"
+
+
+def regenerated_dataset_id(maze: str, steps: int) -> str:
+    size = "" if steps == 1_000_000 else f"-{steps}steps"
+    return f"{REGENERATED_NAMESPACE}/pointmaze/{maze}{size}-v2"
+
+
+def dataset_is_local(dataset_id: str) -> bool:
+    return os.path.isdir(os.path.join(minari.storage.get_dataset_path(dataset_id), "data"))
+
+
+def load_minari_dataset(dataset_id: str) -> minari.MinariDataset:
+    """Loads a local Minari dataset, downloading it when it is not local and a network is there."""
+    root = os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    except Exception as error:  # no network, no huggingface_hub, unknown id: all end the same way
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        fail(
+            f"Minari dataset {dataset_id!r} is not in {root} and could not be downloaded ({reason}). "
+            f"On a machine with internet run `minari download {dataset_id}` and copy {root}/{dataset_id} here, "
+            "or point MINARI_DATASETS_PATH at a folder that holds it."
+        )
+
+
+def maze_env(maze: str, evaluation: bool, max_episode_steps: int) -> gym.Env:
+    """PointMaze v3 as Minari's recipe uses it: the evaluation maze has one fixed goal cell; the collection maze
+    draws a new goal whenever the current one is reached."""
+    from gymnasium_robotics.envs.maze import maps
+
+    name, goal_cell, _ = MAZES[maze]
+    maze_map = [
+        list(row) for row in getattr(maps, {"umaze": "U_MAZE", "medium": "MEDIUM_MAZE", "large": "LARGE_MAZE"}[maze])
+    ]
+    if evaluation:
+        maze_map[goal_cell[0]][goal_cell[1]] = "g"
+    env = gym.make(f"PointMaze_{name}-v3", maze_map=maze_map, continuing_task=True, reset_target=not evaluation,
+                   max_episode_steps=max_episode_steps)  # fmt: skip
+    remove_maze_xml(env)
+    return env
+
+
+def remove_maze_xml(env: gym.Env):
+    """gymnasium-robotics writes the maze's MuJoCo XML into the temp folder for every env and never deletes it."""
+    path = getattr(env.unwrapped, "tmp_xml_file_path", None)
+    if path and os.path.exists(path):
+        os.remove(path)
+
+
+@contextlib.contextmanager
+def removing_maze_xml():
+    """Deletes the maze XML files left in the temp folder by envs made inside the block by other code (Minari
+    makes its own envs when it writes a dataset)."""
+    pattern = os.path.join(tempfile.gettempdir(), "ant_maze*.xml")
+    before = set(glob.glob(pattern))
+    try:
+        yield
+    finally:
+        for path in set(glob.glob(pattern)) - before:
+            os.remove(path)
+
+
+def shortest_path_tree(maze_map: list[list], goal_cell: tuple[int, int]) -> dict:
+    """BFS over the free cells (4-neighbours) from the goal: {cell: (next cell towards the goal, distance)}."""
+    tree, frontier = {goal_cell: (goal_cell, 0)}, [goal_cell]
+    while frontier:
+        next_frontier = []
+        for row, col in frontier:
+            for neighbour in [(row - 1, col), (row + 1, col), (row, col - 1), (row, col + 1)]:
+                r, c = neighbour
+                if (
+                    0 <= r < len(maze_map)
+                    and 0 <= c < len(maze_map[0])
+                    and maze_map[r][c] != 1
+                    and neighbour not in tree
+                ):
+                    tree[neighbour] = ((row, col), tree[(row, col)][1] + 1)
+                    next_frontier.append(neighbour)
+        frontier = next_frontier
+    return tree
+
+
+class WaypointController:
+    """The recipe's expert: PD control towards waypoints on the shortest cell path to the goal (re-planned when the
+    goal moves); intermediate waypoints are cell centres shifted by -U(0, 1) * 0.2, the last one the goal itself."""
+
+    def __init__(self, maze, rng: np.random.Generator, p_gain: float = 10.0, d_gain: float = -1.0):
+        self.maze, self.rng, self.p_gain, self.d_gain = maze, rng, p_gain, d_gain
+        self.goal_xy = None
+
+    def cell(self, xy: np.ndarray) -> tuple[int, int]:
+        return tuple(int(i) for i in self.maze.cell_xy_to_rowcol(xy))
+
+    def __call__(self, obs: dict) -> np.ndarray:
+        position, velocity, goal = obs["achieved_goal"], obs["observation"][2:], obs["desired_goal"]
+        if self.goal_xy is None or np.linalg.norm(self.goal_xy - goal) > 1e-3:  # a new goal: a new path
+            self.goal_xy, self.goal_cell = goal.copy(), self.cell(goal)
+            self.tree = shortest_path_tree(self.maze.maze_map, self.goal_cell)
+            self.target_cell = self.tree[self.cell(position)][0]
+            is_goal = self.target_cell == self.goal_cell
+            self.target_xy = self.goal_xy if is_goal else self.maze.cell_rowcol_to_xy(np.array(self.target_cell))
+        if np.linalg.norm(self.target_xy - position) <= 0.1 and self.target_cell != self.goal_cell:
+            self.target_cell = self.tree[self.target_cell][0]
+            if self.target_cell == self.goal_cell:
+                self.target_xy = self.goal_xy
+            else:
+                centre = self.maze.cell_rowcol_to_xy(np.array(self.target_cell))
+                self.target_xy = centre - self.rng.uniform(size=2) * 0.2
+        return self.p_gain * (self.target_xy - position) + self.d_gain * velocity
+
+
+def average_return(env: gym.Env, policy: Callable, episodes: int, seed: int) -> float:
+    returns = []
+    for episode in range(episodes):
+        obs, _ = env.reset(seed=seed + episode)
+        total, done = 0.0, False
+        while not done:
+            obs, reward, terminated, truncated, _ = env.step(policy(obs))
+            total, done = total + reward, terminated or truncated
+        returns.append(total)
+    return float(np.mean(returns))
+
+
+def regenerate_dataset(maze: str, steps: int, dataset_id: str) -> minari.MinariDataset:
+    """Minari's published recipe for D4RL/pointmaze/<maze>-v2: one reset (seed 123), `steps` steps of the waypoint
+    controller with N(0, 0.5^2) action noise, an episode boundary at every success; reference scores from a random
+    policy (min) and the noiseless controller (max), 100 episodes each on the evaluation environment."""
+    from minari.data_collector import EpisodeBuffer
+
+    _, _, horizon = MAZES[maze]
+    env = maze_env(maze, evaluation=False, max_episode_steps=steps + 1)
+    rng = np.random.default_rng(123)
+    controller = WaypointController(env.unwrapped.maze, rng)
+    obs, _ = env.reset(seed=123)
+    observations = {key: [value] for key, value in obs.items()}
+    actions, rewards, successes = [], [], []
+    with progress_bar() as progress:
+        task = progress.add_task(f"regenerating {dataset_id}", total=steps, info="")
+        for step in range(steps):
+            action = np.clip(controller(obs) + rng.normal(0.0, 0.5, size=2), -1.0, 1.0)
+            obs, reward, _, _, info = env.step(action)
+            for key, value in obs.items():
+                observations[key].append(value)
+            actions.append(action)
+            rewards.append(reward)
+            successes.append(info["success"])
+            if step % 10_000 == 0:
+                progress.update(task, completed=step, info=f"{sum(successes)} goals reached")
+        progress.update(task, completed=steps)
+    observations = {key: np.array(value) for key, value in observations.items()}
+    actions, rewards = np.array(actions, dtype=np.float32), np.array(rewards)
+    ends = np.flatnonzero(successes) + 1  # an episode ends at every success, the trailing partial one at the end
+    if len(ends) == 0 or ends[-1] != steps:
+        ends = np.append(ends, steps)
+    buffers, start = [], 0
+    for episode, end in enumerate(ends):
+        buffers.append(EpisodeBuffer(
+            id=episode, observations={key: value[start : end + 1] for key, value in observations.items()},
+            actions=actions[start:end], rewards=rewards[start:end], terminations=np.zeros(end - start, dtype=bool),
+            truncations=np.arange(start, end) == end - 1, infos={},
+        ))  # fmt: skip
+        start = end
+    eval_env = maze_env(maze, evaluation=True, max_episode_steps=horizon)
+    expert = WaypointController(eval_env.unwrapped.maze, np.random.default_rng(123))
+    ref_max = average_return(eval_env, expert, 100, seed=123)
+    eval_env.action_space.seed(123)
+    ref_min = average_return(eval_env, lambda obs: eval_env.action_space.sample(), 100, seed=123)
+    with warnings.catch_warnings(), removing_maze_xml():
+        warnings.simplefilter("ignore")  # Minari asks for an author and a code permalink
+        dataset = minari.create_dataset_from_buffers(
+            dataset_id=dataset_id, buffer=buffers, env=env.spec, eval_env=eval_env.spec,
+            algorithm_name="QIteration-equivalent BFS waypoint controller + N(0, 0.5^2) noise (local regeneration)",
+            ref_min_score=ref_min, ref_max_score=ref_max,
+            description=f"Local regeneration of D4RL/pointmaze/{maze}-v2 by gac_maze2d.py with Minari's published "
+            f"recipe: {steps} steps, seed 123. Not the downloaded dataset.",
+        )  # fmt: skip
+    env.close()
+    eval_env.close()
+    return dataset
+
+
+def find_or_regenerate(args: Args, dataset_id: str) -> tuple[minari.MinariDataset, str]:
+    """The requested dataset if it is local or downloadable; otherwise, loudly, the recipe's regeneration."""
+    maze = args.env_id.lower()
+    if args.dataset_id is None and not dataset_is_local(dataset_id):
+        regenerated_id = regenerated_dataset_id(maze, args.dataset_steps)
+        print(f"{dataset_id} is not local: using {regenerated_id}, Minari's recipe run here (not the download)")
+        if not dataset_is_local(regenerated_id):
+            print(f"*** REGENERATING {regenerated_id}: {args.dataset_steps} steps by Minari's published recipe ***")
+            return regenerate_dataset(maze, args.dataset_steps, regenerated_id), regenerated_id
+        return load_minari_dataset(regenerated_id), regenerated_id
+    return load_minari_dataset(dataset_id), dataset_id
+
+
+def flatten_observation(obs: dict) -> np.ndarray:
+    """Dict observation -> [x, y, vx, vy, goal_x, goal_y]: `observation` then `desired_goal` (achieved_goal is the
+    position again). Works on one observation or on arrays of them."""
+    return np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1).astype(np.float32)
+
+
+def read_episodes(dataset: minari.MinariDataset, cache: bool = True) -> dict:
+    """Flattened states s_0..s_{T-1}, actions, rewards and whether each episode reached its goal, cached next to
+    the dataset as .npz so a second run starts in about a second.
+
+    Minari's PointMaze episodes run goal to goal, and their first observation still shows the previous goal (the
+    goal moves on the step it is reached): every state of an episode is given the goal the episode ends at."""
+    path = os.path.join(minari.storage.get_dataset_path(dataset.spec.dataset_id), "gac_maze2d_cache.npz")
+    if cache and os.path.exists(path):
+        data = np.load(path)
+        if int(data["total_steps"]) == dataset.total_steps:
+            return {key: data[key] for key in ["states", "actions", "rewards", "lengths", "reached_goal"]}
+    states, actions, rewards, reached_goal = [], [], [], []
+    for episode in dataset.iterate_episodes():
+        if len(episode.actions) == 0:
+            continue
+        obs = {key: np.asarray(value) for key, value in episode.observations.items()}
+        final_goal = obs["desired_goal"][-1]
+        reached_goal.append(np.linalg.norm(obs["achieved_goal"][-1] - final_goal) <= GOAL_RADIUS)
+        obs["desired_goal"] = np.broadcast_to(final_goal, obs["desired_goal"].shape)
+        states.append(flatten_observation(obs)[:-1])
+        actions.append(np.asarray(episode.actions, dtype=np.float32))
+        rewards.append(np.asarray(episode.rewards, dtype=np.float64))
+    lengths = np.array([len(a) for a in actions])
+    data = {"states": np.concatenate(states), "actions": np.concatenate(actions), "rewards": np.concatenate(rewards),
+            "lengths": lengths, "reached_goal": np.array(reached_goal)}  # fmt: skip
+    if cache:
+        np.savez(path + ".tmp.npz", total_steps=dataset.total_steps, **data)
+        os.replace(path + ".tmp.npz", path)
+    return data
+
+
+def split_episodes(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
+    return np.split(flat, np.cumsum(lengths)[:-1])
+
+
+def training_returns(rewards: list[np.ndarray], reached_goal: np.ndarray, horizon: int, kind: str) -> np.ndarray:
+    """What a training trajectory's return y means.
+
+    "hindsight" (default): the evaluation return of an agent that reached this episode's goal when the episode did
+    and stayed there: horizon - length + 1 rewarded steps within the evaluation horizon (0 if it never arrives or
+    arrives too late). The evaluation counts the steps spent at a fixed goal, so this ranks trajectories as the
+    evaluation does. "dataset": the sum of the stored rewards, which is 1 for every goal-to-goal episode with the
+    sparse reward and so says nothing about quality (kept to show that it matters)."""
+    if kind == "dataset":
+        return episode_returns(rewards)
+    lengths = np.array([len(r) for r in rewards])
+    return np.where(reached_goal & (lengths <= horizon), horizon - lengths + 1, 0).astype(np.float64)
+
+
+def episode_returns(rewards: list[np.ndarray]) -> np.ndarray:
+    """Undiscounted return of each episode, summed in float64."""
+    return np.array([np.sum(r, dtype=np.float64) for r in rewards])
+
+
+def normalize_returns(returns_raw: np.ndarray, ref_min: float, ref_max: float) -> np.ndarray:
+    """y = (return - ref_min) / (ref_max - ref_min): 0 is the random policy, 1 the reference expert.
+
+    The normalised score that papers report is 100 * y."""
+    return (np.asarray(returns_raw, dtype=np.float64) - ref_min) / (ref_max - ref_min)
+
+
+def reference_scores(dataset: minari.MinariDataset, returns_raw: np.ndarray) -> tuple[float, float, str]:
+    """(ref_min, ref_max, description): the dataset's reference scores, or its own return range if it has none."""
+    metadata = dataset.storage.metadata
+    if metadata.get("ref_min_score") is not None and metadata.get("ref_max_score") is not None:
+        ref_min, ref_max = float(metadata["ref_min_score"]), float(metadata["ref_max_score"])
+        return ref_min, ref_max, f"Minari reference scores (random {ref_min:.2f}, expert {ref_max:.2f})"
+    ref_min, ref_max = float(returns_raw.min()), float(returns_raw.max())
+    if ref_max <= ref_min:
+        ref_max = ref_min + 1.0
+    return ref_min, ref_max, f"no reference scores: the dataset's own return range [{ref_min:.2f}, {ref_max:.2f}]"
+
+
+class StateNormalizer:
+    """(s - mean) / std with the offline dataset's statistics, kept fixed for online data and evaluation."""
+
+    def __init__(self, states: np.ndarray):
+        self.mean = states.mean(0).astype(np.float32)
+        self.std = np.maximum(states.std(0), 1e-3).astype(np.float32)  # constant dimensions stay finite
+
+    def __call__(self, states: np.ndarray) -> np.ndarray:
+        return ((states - self.mean) / self.std).astype(np.float32)
+
+
+@dataclass
+class TrajectoryBuffer:
+    """Whole trajectories, right-padded to a common length that is a multiple of the context; all on the device."""
+
+    states: torch.Tensor  # [N, T, obs_dim], normalised, zero after the end
+    actions: torch.Tensor  # [N, T, act_dim], zero after the end
+    lengths: torch.Tensor  # [N]
+    returns_raw: torch.Tensor  # [N] return in evaluation units (see training_returns)
+    y: torch.Tensor  # [N] normalised return (normalised score / 100)
+
+    def __len__(self):
+        return self.lengths.shape[0]
+
+    def append(self, other: "TrajectoryBuffer") -> "TrajectoryBuffer":
+        return TrajectoryBuffer(*(torch.cat([a, b]) for a, b in zip(self.astuple(), other.astuple(), strict=True)))
+
+    def astuple(self):
+        return self.states, self.actions, self.lengths, self.returns_raw, self.y
+
+
+def pad_trajectories(
+    states: list[np.ndarray], actions: list[np.ndarray], padded_len: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-pads trajectories with zeros to [N, padded_len, dim]; returns (states, actions, lengths)."""
+    lengths = np.array([len(a) for a in actions])
+    padded_states = np.zeros((len(states), padded_len, states[0].shape[1]), dtype=np.float32)
+    padded_actions = np.zeros((len(actions), padded_len, actions[0].shape[1]), dtype=np.float32)
+    for i, (s, a) in enumerate(zip(states, actions, strict=True)):
+        padded_states[i, : len(a)] = s
+        padded_actions[i, : len(a)] = a
+    return (
+        torch.from_numpy(padded_states).to(device),
+        torch.from_numpy(padded_actions).to(device),
+        torch.from_numpy(lengths).to(device),
+    )
+
+
+def valid_mask(lengths: torch.Tensor, padded_len: int) -> torch.Tensor:
+    """[N, padded_len] float mask: 1 for the steps a trajectory has, 0 for its padding."""
+    return (torch.arange(padded_len, device=lengths.device)[None, :] < lengths[:, None]).float()
+
+
+def make_env(env_spec: gym.envs.registration.EnvSpec) -> Callable[[], gym.Env]:
+    def thunk():
+        env = gym.make(env_spec)
+        remove_maze_xml(env)
+        return env
+
+    return thunk
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model: prior encoder U_alpha(z0, s0), trajectory generator p_beta(tau | z), return predictor p_gamma(y | z)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Attention(nn.Module):
+    """Multi-head attention: self-attention when `memory` is None, cross-attention to `memory` otherwise."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float):
+        super().__init__()
+        self.n_head, self.dropout = n_head, dropout
+        self.query = nn.Linear(d_model, d_model)
+        self.key_value = nn.Linear(d_model, 2 * d_model)
+        self.proj = nn.Linear(d_model, d_model)
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+        B, T, D = x.shape
+        source = x if memory is None else memory
+        q = self.query(x).view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
+        k, v = self.key_value(source).view(B, source.shape[1], 2, self.n_head, D // self.n_head).unbind(2)
+        y = F.scaled_dot_product_attention(
+            q, k.transpose(1, 2), v.transpose(1, 2), dropout_p=self.dropout if self.training else 0.0, is_causal=causal
+        )
+        return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, D)))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block; with `cross_attention` it also reads the plan tokens (as in LPT)."""
+
+    def __init__(self, d_model: int, n_head: int, dropout: float, causal: bool, cross_attention: bool):
+        super().__init__()
+        self.causal = causal
+        self.ln_self = nn.LayerNorm(d_model)
+        self.self_attn = Attention(d_model, n_head, dropout)
+        if cross_attention:
+            self.ln_cross, self.ln_memory = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+            self.cross_attn = Attention(d_model, n_head, dropout)
+        self.ln_mlp = nn.LayerNorm(d_model)
+        self.mlp = nn.Sequential(
+            nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
+        )
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.ln_self(x), causal=self.causal)
+        if memory is not None:
+            x = x + self.cross_attn(self.ln_cross(x), memory=self.ln_memory(memory))
+        return x + self.mlp(self.ln_mlp(x))
+
+
+class PriorEncoder(nn.Module):
+    """U_alpha: maps (z0, s0) to plan tokens, so p(z | s0) is N(0, I) pushed through U_alpha(., s0)."""
+
+    def __init__(self, obs_dim: int, d_model: int, n_latent: int, n_layer: int, n_head: int):
+        super().__init__()
+        self.embed_state = nn.Linear(obs_dim, d_model)
+        self.embed_latent = nn.Linear(d_model, d_model)  # without it, LayerNorm would ignore z0 -> z0 + c
+        self.token_type = nn.Parameter(torch.zeros(1, 1 + n_latent, d_model))  # tells s0 and each z0 token apart
+        self.blocks = nn.ModuleList(
+            Block(d_model, n_head, 0.0, causal=False, cross_attention=False) for _ in range(n_layer)
+        )
+        self.ln_f = nn.LayerNorm(d_model)
+
+    def forward(self, z0: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
+        # z0: [B, n_latent, d_model], s0: [B, obs_dim] -> plan tokens [B, n_latent, d_model]
+        x = torch.cat([self.embed_state(s0)[:, None], self.embed_latent(z0)], dim=1) + self.token_type
+        for block in self.blocks:
+            x = block(x)
+        return self.ln_f(x[:, 1:])
+
+
+class TrajectoryGenerator(nn.Module):
+    """p_beta(tau | z): a causal transformer over (s_t, a_t) tokens that cross-attends to the plan tokens.
+
+    The trajectory is cut into blocks of `context_len` timesteps; attention is causal inside a block, so the
+    action a_t depends on the states and actions since the block began, on the timestep, and on the plan.
+    Acting with the same blocks (see `rollout`) reproduces exactly the conditionals the model was trained on.
+    """
+
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, max_len: int):
+        super().__init__()
+        d = args.d_model
+        self.context_len = args.context_len
+        self.embed_state, self.embed_action = nn.Linear(obs_dim, d), nn.Linear(act_dim, d)
+        self.embed_timestep = nn.Embedding(max_len, d)
+        self.embed_ln, self.embed_dropout = nn.LayerNorm(d), nn.Dropout(args.dropout)
+        self.blocks = nn.ModuleList(
+            Block(d, args.n_head, args.dropout, causal=True, cross_attention=True) for _ in range(args.n_layer)
+        )
+        self.ln_f = nn.LayerNorm(d)
+        self.action_mean = nn.Linear(d, act_dim)
+        self.action_log_std = nn.Parameter(torch.zeros(act_dim))
+
+    def forward(self, states, actions, timesteps, plan_tokens) -> torch.Tensor:
+        """states [B, T, obs], actions [B, T, act], timesteps [B, T], plan_tokens [B, P, d]; T a multiple of the
+        context. Returns the mean of p(a_t | s_t and the block's earlier steps, z): [B, T, act], in (-1, 1)."""
+        B, T, _ = states.shape
+        blocks_per_traj = T // self.context_len
+        time = self.embed_timestep(timesteps)
+        tokens = torch.stack([self.embed_state(states) + time, self.embed_action(actions) + time], dim=2)
+        # [B, T, 2, d] -> [B * blocks, 2 * context_len, d]: interleaved s_t, a_t, one sequence per block
+        x = self.embed_dropout(self.embed_ln(tokens.reshape(B * blocks_per_traj, 2 * self.context_len, -1)))
+        memory = plan_tokens.repeat_interleave(blocks_per_traj, dim=0)
+        for block in self.blocks:
+            x = block(x, memory)
+        x = self.ln_f(x).reshape(B, T, 2, -1)[:, :, 0]  # a_t is read from the s_t token
+        return torch.tanh(self.action_mean(x))
+
+
+class GAC(nn.Module):
+    def __init__(self, obs_dim: int, act_dim: int, args: Args, max_len: int):
+        super().__init__()
+        self.n_return_tokens = args.n_return_tokens
+        self.prior = PriorEncoder(obs_dim, args.d_model, args.n_latent, args.prior_layers, args.n_head)
+        self.generator = TrajectoryGenerator(obs_dim, act_dim, args, max_len)
+        self.return_head = nn.Sequential(  # r_gamma(z) = E[y | z], the mean of p_gamma(y | z)
+            nn.Linear(args.n_return_tokens * args.d_model, args.d_model),
+            nn.GELU(),
+            nn.Linear(args.d_model, args.d_model),
+            nn.GELU(),
+            nn.Linear(args.d_model, 1),
+        )
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def plan(self, z0: torch.Tensor, s0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """z = U_alpha(z0, s0), split into (return tokens, generator memory tokens)."""
+        z = self.prior(z0, s0)
+        return z[:, : self.n_return_tokens], z[:, self.n_return_tokens :]
+
+    def expected_return(self, return_tokens: torch.Tensor) -> torch.Tensor:
+        return self.return_head(return_tokens.flatten(1)).squeeze(-1).float()
+
+    def predicted_return(self, z0: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
+        return self.expected_return(self.plan(z0, s0)[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The ELBO: log p(tau | z) + log p(y | z) - KL(q(z0) || N(0, I)), with free bits
+# ---------------------------------------------------------------------------------------------------------------
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
+    return -0.5 * ((x - mean) / log_std.exp()) ** 2 - log_std - LOG_SQRT_2PI
+
+
+def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
+    """KL(N(mu, diag exp(logvar)) || N(0, I)) in closed form, per latent token: [B, n_latent]."""
+    return 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(-1)
+
+
+def free_bits_kl(kl: torch.Tensor, free_bits: float) -> torch.Tensor:
+    """Free bits (Kingma et al. 2016): each token's batch-averaged KL counts as at least `free_bits` nats."""
+    return kl.mean(0).clamp(min=free_bits).sum()
+
+
+def log_likelihoods(model: GAC, z0, states, actions, timesteps, mask, y, return_std: float):
+    """Per trajectory: log p_beta(actions | states, z) summed over its valid steps, log p_gamma(y | z), E[y | z]."""
+    return_tokens, plan_tokens = model.plan(z0, states[:, 0])
+    action_mean = model.generator(states, actions, timesteps, plan_tokens).float()
+    log_std = model.generator.action_log_std.clamp(min=-5.0)
+    action_ll = (gaussian_log_prob(actions, action_mean, log_std).sum(-1) * mask).sum(1)
+    y_hat = model.expected_return(return_tokens)
+    return_ll = gaussian_log_prob(y, y_hat, torch.tensor(math.log(return_std), device=y.device))
+    return action_ll, return_ll, y_hat
+
+
+def fit_local_posteriors(mu, logvar, eps, log_likelihood: Callable, steps: int, lr: float, free_bits: float):
+    """Local variational inference: `steps` Adam steps on each q_i(z0) = N(mu_i, diag exp(logvar_i)) to raise
+    E_q[log_likelihood(z0)] - KL(q_i || N(0, I)) (free-bits KL), one reparameterised sample z0 = mu + sigma * eps
+    with the same eps throughout. The model's parameters are not touched. Returns the new (mu, logvar)."""
+    mu, logvar = mu.detach().clone().requires_grad_(True), logvar.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.Adam([mu, logvar], lr=lr)
+    for _ in range(steps):
+        z0 = mu + (0.5 * logvar).exp() * eps
+        negative_elbo = -log_likelihood(z0).sum() + mu.shape[0] * free_bits_kl(gaussian_kl(mu, logvar), free_bits)
+        mu.grad, logvar.grad = torch.autograd.grad(negative_elbo, (mu, logvar))
+        optimizer.step()
+    return mu.detach(), logvar.detach().clamp(-10.0, 2.0)
+
+
+def active_latent_dims(posterior_mu: torch.Tensor, threshold: float = 0.01) -> int:
+    """Latent dimensions whose posterior mean varies across trajectories (Burda et al. 2016); 0 means collapse."""
+    return int((posterior_mu.flatten(1).var(0) > threshold).sum())
+
+
+def train_iteration(model, optimizer, scheduler, buffer, posterior_mu, posterior_logvar, args, generator, autocast):
+    """One iteration of Algorithm 1: local posterior steps for a batch of trajectories, then one global step."""
+    idx = torch.multinomial(buffer.lengths.float(), args.batch_size, replacement=True, generator=generator)
+    lengths = buffer.lengths[idx]
+    K = args.context_len
+    T = int(math.ceil(lengths.max().item() / K) * K)  # only as many blocks as the longest trajectory needs
+    states, actions, y = buffer.states[idx, :T], buffer.actions[idx, :T], buffer.y[idx].float()
+    mask = valid_mask(lengths, T)
+    timesteps = torch.arange(T, device=states.device).expand(len(idx), T)
+
+    def log_joint(z0):  # log p(tau | z) + log p(y | z)
+        with autocast():
+            action_ll, return_ll, _ = log_likelihoods(model, z0, states, actions, timesteps, mask, y, args.return_std)
+        return action_ll + return_ll
+
+    # (1) local variational inference on q_i(z0) for the batch, parameters fixed, no dropout
+    eps = torch.randn(posterior_mu[idx].shape, device=states.device, generator=generator)
+    model.eval()
+    mu, logvar = fit_local_posteriors(
+        posterior_mu[idx], posterior_logvar[idx], eps, log_joint, args.inner_steps, args.posterior_lr, args.free_bits
+    )
+    posterior_mu[idx], posterior_logvar[idx] = mu, logvar
+
+    # (2) one global step on (alpha, beta, gamma) with z0 ~ q_i by reparameterisation; the KL has no parameters
+    model.train()
+    z0 = mu + (0.5 * logvar).exp() * eps
+    with autocast():
+        action_ll, return_ll, y_hat = log_likelihoods(model, z0, states, actions, timesteps, mask, y, args.return_std)
+    n_steps = mask.sum()
+    loss = -(action_ll + return_ll).sum() / n_steps  # the negative ELBO per timestep, up to the constant KL
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+    optimizer.step()
+    scheduler.step()
+
+    kl = gaussian_kl(mu, logvar)  # [B, n_latent]
+    return {
+        "losses/action_nll_per_step": -action_ll.sum().detach() / n_steps,
+        "losses/return_nll": -return_ll.mean().detach(),
+        "losses/return_mse": (y_hat.detach() - y).pow(2).mean(),
+        "losses/kl": kl.sum(1).mean(),
+        "losses/kl_free_bits": free_bits_kl(kl, args.free_bits),
+        "losses/elbo": (action_ll + return_ll - kl.sum(1)).mean().detach(),
+        "charts/posterior_std": (0.5 * logvar).exp().mean(),
+        "charts/tokens": 2 * n_steps,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Inference: exploitation (gradient ascent on the plan) and exploration (plans for an optimistic target)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def exploit_plans(model: GAC, s0: torch.Tensor, args: Args, autocast):
+    """For each initial state: M candidates z0 ~ N(0, I), S Adam steps of ascent on
+    E[y | U(z0, s0)] - lambda/2 ||z0||^2, keep the best. Returns (z0 [n, L, d], predicted y [S+1, n, M], best [n])."""
+    n, M = s0.shape[0], args.num_candidates
+    s0 = s0.repeat_interleave(M, dim=0)
+    z0 = torch.randn(n * M, args.n_latent, args.d_model, device=s0.device, requires_grad=True)
+    optimizer = torch.optim.Adam([z0], lr=args.exploit_lr)
+    trace = []
+    for step in range(args.exploit_steps + 1):
+        with autocast():
+            y_hat = model.predicted_return(z0, s0)
+        objective = y_hat - 0.5 * args.exploit_kl_weight * z0.pow(2).sum((1, 2))  # exploitation objective
+        trace.append(y_hat.detach())
+        if step < args.exploit_steps:
+            (z0.grad,) = torch.autograd.grad(-objective.sum(), z0)
+            optimizer.step()
+    best = objective.detach().view(n, M).argmax(1)
+    chosen = z0.detach().view(n, M, args.n_latent, args.d_model)[torch.arange(n), best]
+    return chosen, torch.stack(trace).view(-1, n, M), best
+
+
+def exploration_target(buffer_y: torch.Tensor, quantile: float, delta_y: float) -> float:
+    """y+ = quantile_q(returns in the buffer) + delta_y, in normalised-return units."""
+    return float(torch.quantile(buffer_y.double(), quantile)) + delta_y
+
+
+def explore_plans(model: GAC, s0: torch.Tensor, target_y: float, args: Args, autocast):
+    """Samples z0 ~ p(z0 | y+, s0) proportional to N(z0; 0, I) N(y+; E[y | z], sigma_y^2) by a short variational
+    fit (the same local inference as training). Returns (z0, mu, logvar) of each fitted posterior."""
+    n = s0.shape[0]
+    shape = (n, args.n_latent, args.d_model)
+    target = torch.full((n,), target_y, device=s0.device)
+    log_std = torch.tensor(math.log(args.return_std), device=s0.device)
+
+    def log_likelihood(z0):  # log p(y+ | z)
+        with autocast():
+            y_hat = model.predicted_return(z0, s0)
+        return gaussian_log_prob(target, y_hat, log_std)
+
+    eps = torch.randn(shape, device=s0.device)
+    zeros = torch.zeros(shape, device=s0.device)
+    mu, logvar = fit_local_posteriors(zeros, zeros, eps, log_likelihood, args.explore_steps, args.explore_lr, 0.0)
+    return mu + (0.5 * logvar).exp() * eps, mu, logvar
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Acting: vectorised closed-loop rollouts, one plan per episode, batched model calls
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}"),
+    )
+
+
+@torch.no_grad()
+def act(model: GAC, block_states, block_actions, timesteps, plan_tokens, slot, autocast) -> torch.Tensor:
+    with autocast():
+        action_mean = model.generator(block_states, block_actions, timesteps, plan_tokens)
+    return action_mean[torch.arange(len(slot)), slot].float()
+
+
+def rollout(
+    envs: gym.vector.VectorEnv,
+    model: GAC,
+    choose_plan: Callable,
+    num_episodes: int,
+    normalize,
+    args: Args,
+    seed: int,
+    autocast,
+    description: str,
+) -> dict:
+    """Runs exactly `num_episodes` episodes, env i running a fixed quota of them (so short episodes are not
+    over-represented), each with one plan chosen at its reset by `choose_plan(s0) -> (z0, info)`. Returns each
+    episode's return, length, states, actions, and plan (z0 and the info of its choice).
+
+    The vector env autoresets in the same step (Gymnasium 1.x SAME_STEP mode): the observation returned with
+    a done flag is the next episode's s0, and every `step` call is one real step of every env, so no step is
+    lost or doubled. Actions are the generator's mean, acting on the real observed states (closed loop), with
+    the block-causal context the model was trained with."""
+    device = next(model.parameters()).device
+    N, K = envs.num_envs, args.context_len
+    quota = np.array([num_episodes // N + (i < num_episodes % N) for i in range(N)])
+    finished = np.zeros(N, dtype=int)
+    model.eval()
+
+    obs, _ = envs.reset(seed=seed)
+    states_np = normalize(obs)
+    states = torch.as_tensor(states_np, device=device)
+    z0, plan_info = choose_plan(states)
+    with torch.no_grad():
+        plan_tokens = model.plan(z0, states)[1]
+    block_states = torch.zeros(N, K, states.shape[1], device=device)
+    block_actions = torch.zeros(N, K, envs.single_action_space.shape[0], device=device)
+    t = np.zeros(N, dtype=int)
+    episode_return = np.zeros(N)
+    trajectory = [{"states": [], "actions": []} for _ in range(N)]
+    episodes = {"returns_raw": [], "lengths": [], "states": [], "actions": [], "plan": []}
+    current_plan = [{"z0": z0[i]} | {key: value[i] for key, value in plan_info.items()} for i in range(N)]
+    low, high = envs.single_action_space.low, envs.single_action_space.high
+
+    with progress_bar() as progress:
+        task = progress.add_task(description, total=num_episodes, info="")
+        while (finished < quota).any():
+            slot = torch.as_tensor(t % K, device=device)
+            rows = torch.arange(N, device=device)
+            block_states[rows, slot] = states
+            timesteps = torch.as_tensor(t - t % K, device=device)[:, None] + torch.arange(K, device=device)
+            timesteps = timesteps.clamp(max=model.generator.embed_timestep.num_embeddings - 1)
+            action = act(model, block_states, block_actions, timesteps, plan_tokens, slot, autocast)
+            block_actions[rows, slot] = action
+            action_np = np.clip(action.cpu().numpy(), low, high)
+            for i in range(N):
+                trajectory[i]["states"].append(states_np[i])
+                trajectory[i]["actions"].append(action_np[i])
+            obs, reward, terminated, truncated, _ = envs.step(action_np)
+            episode_return += reward
+            t += 1
+            states_np = normalize(obs)
+            states = torch.as_tensor(states_np, device=device)
+            done = np.logical_or(terminated, truncated)
+            for i in np.flatnonzero(done):
+                if finished[i] < quota[i]:
+                    episodes["returns_raw"].append(episode_return[i])
+                    episodes["lengths"].append(t[i])
+                    episodes["states"].append(np.stack(trajectory[i]["states"]))
+                    episodes["actions"].append(np.stack(trajectory[i]["actions"]))
+                    episodes["plan"].append(current_plan[i])
+                    finished[i] += 1
+                    progress.advance(task)
+                    progress.update(task, info=f"return {np.mean(episodes['returns_raw']):.1f}")
+                episode_return[i], t[i], trajectory[i] = 0.0, 0, {"states": [], "actions": []}
+            restart = np.flatnonzero(done & (finished < quota))
+            if len(restart):  # new plans for the episodes that start now, from their own s0
+                new_z0, new_info = choose_plan(states[restart])
+                with torch.no_grad():
+                    plan_tokens[restart] = model.plan(new_z0, states[restart])[1]
+                for j, i in enumerate(restart):
+                    current_plan[i] = {"z0": new_z0[j]} | {key: value[j] for key, value in new_info.items()}
+    return episodes
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Logging and checkpoints
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def plot_inference_dynamics(trace: torch.Tensor, best: torch.Tensor, achieved_y: np.ndarray):
+    """Predicted y per ascent step: all candidates and the chosen ones, against the achieved returns."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    trace = trace.cpu().numpy()  # [S+1, n, M]
+    chosen = trace[:, np.arange(trace.shape[1]), best.cpu().numpy()]  # [S+1, n]
+    steps = np.arange(trace.shape[0])
+    figure, axis = plt.subplots(figsize=(6, 4))
+    for values, label in [(trace.reshape(len(steps), -1), "all candidates"), (chosen, "chosen plans")]:
+        mean, std = values.mean(1), values.std(1)
+        axis.plot(steps, mean, label=label)
+        axis.fill_between(steps, mean - std, mean + std, alpha=0.2)
+    axis.axhline(achieved_y.mean(), color="black", linestyle="--", label="achieved y (mean)")
+    axis.set_xlabel("gradient-ascent step")
+    axis.set_ylabel("E[y | z] (normalised return)")
+    axis.set_title("Inference dynamics")
+    axis.legend()
+    figure.tight_layout()
+    return figure
+
+
+def save_checkpoint(path: str, state: dict):
+    """Writes atomically: a kill mid-write leaves the previous checkpoint intact."""
+    tmp_path = path + ".tmp"
+    torch.save(state, tmp_path)
+    os.replace(tmp_path, path)
+
+
+def seed_everything(seed: int, torch_deterministic: bool):
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic = torch_deterministic
+    torch.backends.cudnn.benchmark = not torch_deterministic
+
+
+if __name__ == "__main__":
+    args = tyro.cli(Args)
+    check_args(args)
+    checkpoint = None
+    if args.resume:
+        path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
+        if not os.path.isfile(path):
+            fail(f"--resume: no checkpoint at {path}")
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        resumed_args = Args(**checkpoint["args"])
+        args = resumed_args  # the run continues with the flags it started with
+        args.save_model = True
+        run_dir = os.path.dirname(os.path.abspath(path))
+        run_name = os.path.basename(run_dir)
+    else:
+        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        run_dir = os.path.join("runs", run_name)
+    dataset_id = resolve_dataset_id(args)
+    timings = {
+        "data_loading": 0.0,
+        "offline_training": 0.0,
+        "evaluation": 0.0,
+        "online_collection": 0.0,
+        "online_training": 0.0,
+    }
+    run_start = time.time()
+
+    seed_everything(args.seed, args.torch_deterministic)
+    device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high")
+
+    def autocast():
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+    # ---- data ----
+    dataset, dataset_id = find_or_regenerate(args, dataset_id)
+    eval_env = dataset.recover_environment(eval_env=True)
+    env_spec = eval_env.spec
+    remove_maze_xml(eval_env)
+    eval_env.close()
+    if not isinstance(dataset.observation_space, gym.spaces.Dict):
+        fail(f"{dataset_id} has {type(dataset.observation_space).__name__} observations; PointMaze has Dict ones")
+    data = read_episodes(dataset)
+    dataset_states, dataset_actions = (
+        split_episodes(data["states"], data["lengths"]),
+        split_episodes(data["actions"], data["lengths"]),
+    )
+    horizon = env_spec.max_episode_steps
+    returns_raw = training_returns(
+        split_episodes(data["rewards"], data["lengths"]), data["reached_goal"], horizon, args.training_return
+    )
+    ref_min, ref_max, normalisation = reference_scores(dataset, returns_raw)
+    state_normalizer = StateNormalizer(data["states"])
+
+    def normalize(obs) -> np.ndarray:
+        return state_normalizer(flatten_observation(obs) if isinstance(obs, dict) else obs)
+
+    max_len = max(env_spec.max_episode_steps or 0, max(len(a) for a in dataset_actions))
+    padded_len = int(math.ceil(max_len / args.context_len) * args.context_len)
+    buffer = TrajectoryBuffer(
+        *pad_trajectories([normalize(s) for s in dataset_states], dataset_actions, padded_len, device),
+        returns_raw=torch.as_tensor(returns_raw, device=device),
+        y=torch.as_tensor(normalize_returns(returns_raw, ref_min, ref_max), device=device, dtype=torch.float32),
+    )
+    n_offline = len(buffer)
+    obs_dim, act_dim = dataset_states[0].shape[1], dataset_actions[0].shape[1]
+    print(
+        f"{dataset_id}: {n_offline} episodes, {int(buffer.lengths.sum())} steps, "
+        f"dataset score {100 * buffer.y.mean():.1f} +- {100 * buffer.y.std():.1f}; normalisation: {normalisation}"
+    )
+    timings["data_loading"] = time.time() - run_start
+    os.makedirs(run_dir, exist_ok=True)
+
+    # ---- model, optimiser, local posteriors ----
+    model = GAC(obs_dim, act_dim, args, padded_len).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_iterations))
+    )
+    latent_shape = (args.n_latent, args.d_model)
+    posterior_mu = torch.zeros(n_offline, *latent_shape, device=device)
+    posterior_logvar = torch.full((n_offline, *latent_shape), args.posterior_init_logvar, device=device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    iteration, start_round = 0, 0
+    metrics = {"dataset_id": dataset_id, "normalisation": normalisation, "device": str(device), "evaluations": []}
+    if checkpoint is not None:
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        online = checkpoint["online_buffer"]
+        if online["lengths"].numel():
+            buffer = buffer.append(TrajectoryBuffer(**{k: v.to(device) for k, v in online.items()}))
+        posterior_mu = checkpoint["posterior_mu"].to(device)
+        posterior_logvar = checkpoint["posterior_logvar"].to(device)
+        generator.set_state(checkpoint["generator_state"])
+        torch.set_rng_state(checkpoint["torch_rng_state"])
+        iteration, start_round = checkpoint["iteration"], checkpoint["round"]
+        metrics = json.loads(checkpoint["metrics"])
+        print(f"resumed {run_dir} at iteration {iteration}, online round {start_round}")
+
+    writer = SummaryWriter(run_dir, purge_step=iteration if checkpoint is not None else None)
+    if args.track:
+        try:
+            import wandb
+        except ImportError:
+            fail("--track needs wandb: pip install wandb")
+        wandb.init(
+            project=args.wandb_project_name,
+            entity=args.wandb_entity,
+            sync_tensorboard=True,
+            config=vars(args),
+            name=run_name,
+            save_code=True,
+            resume="allow",
+            id=run_name,
+        )
+    provenance = {
+        "dataset_id": dataset_id,
+        "dataset_episodes": n_offline,
+        "dataset_steps": int(buffer.lengths[:n_offline].sum()),
+        "dataset_algorithm": dataset.storage.metadata.get("algorithm_name"),
+        "dataset_description": dataset.storage.metadata.get("description"),
+        "normalisation": normalisation,
+        "eval_env": env_spec.id,
+        "device": str(device),
+    }
+    table = "\n".join(f"|{key}|{value}|" for key, value in (vars(args) | provenance).items())
+    writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
+
+    def checkpoint_now(round_index: int):
+        if not args.save_model:
+            return
+        online = {k: v[n_offline:].cpu() for k, v in asdict(buffer).items()}
+        save_checkpoint(
+            os.path.join(run_dir, "checkpoint.pt"),
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "posterior_mu": posterior_mu.cpu(),
+                "posterior_logvar": posterior_logvar.cpu(),
+                "online_buffer": online,
+                "generator_state": generator.get_state(),
+                "torch_rng_state": torch.get_rng_state(),
+                "iteration": iteration,
+                "round": round_index,
+                "args": asdict(args),
+                "metrics": json.dumps(metrics),
+            },
+        )
+
+    envs = gym.vector.SyncVectorEnv(
+        [make_env(env_spec) for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
+
+    def evaluate(label: str) -> dict:
+        """Exploitation: ascent on the plan at every reset, deterministic actions; normalised score x 100."""
+        start = time.time()
+        traces = []
+
+        def choose_plan(s0):
+            z0, trace, best = exploit_plans(model, s0, args, autocast)
+            traces.append((trace, best))
+            return z0, {"predicted_y": trace[-1, torch.arange(len(best)), best]}
+
+        episodes = rollout(
+            envs,
+            model,
+            choose_plan,
+            args.eval_episodes,
+            normalize,
+            args,
+            seed=args.seed + 10_000 + iteration,
+            autocast=autocast,
+            description=f"evaluate ({label})",
+        )
+        scores = 100 * normalize_returns(np.array(episodes["returns_raw"]), ref_min, ref_max)
+        predicted = 100 * torch.stack([plan["predicted_y"] for plan in episodes["plan"]]).cpu().numpy()
+        trace, best = traces[0]  # the plans chosen at the first reset of every env
+        result = {
+            "iteration": iteration,
+            "label": label,
+            "score_mean": float(scores.mean()),
+            "score_std": float(scores.std()),
+            "return_mean": float(np.mean(episodes["returns_raw"])),
+            "predicted_score_mean": float(predicted.mean()),
+            "length_mean": float(np.mean(episodes["lengths"])),
+        }
+        writer.add_scalar("eval/normalized_score", result["score_mean"], iteration)
+        writer.add_scalar("eval/normalized_score_std", result["score_std"], iteration)
+        writer.add_scalar("eval/return", result["return_mean"], iteration)
+        writer.add_scalar("eval/episode_length", result["length_mean"], iteration)
+        writer.add_scalar("eval/predicted_score", result["predicted_score_mean"], iteration)
+        chosen = trace[:, torch.arange(trace.shape[1]), best]
+        for step in range(trace.shape[0]):  # one curve per evaluation: predicted y against the ascent step
+            writer.add_scalar(f"inference/iteration_{iteration}/chosen_y", chosen[step].mean(), step)
+            writer.add_scalar(f"inference/iteration_{iteration}/candidates_y", trace[step].mean(), step)
+        figure = plot_inference_dynamics(trace, best, scores / 100)
+        figure.savefig(os.path.join(run_dir, f"inference_dynamics_{iteration}.png"))
+        writer.add_figure("eval/inference_dynamics", figure, iteration)
+        metrics["evaluations"].append(result)
+        timings["evaluation"] += time.time() - start
+        print(
+            f"[{label}] iteration {iteration}: normalised score {result['score_mean']:.1f} +- "
+            f"{result['score_std']:.1f} (predicted {result['predicted_score_mean']:.1f})"
+        )
+        return result
+
+    def train(num_iterations: int, description: str, phase: str, round_index: int):
+        global iteration
+        start, last_log = time.time(), time.time()
+        tokens = 0.0
+        with progress_bar() as progress:
+            task = progress.add_task(description, total=num_iterations, info="")
+            for _ in range(num_iterations):
+                losses = train_iteration(
+                    model, optimizer, scheduler, buffer, posterior_mu, posterior_logvar, args, generator, autocast
+                )
+                iteration += 1
+                tokens += losses.pop("charts/tokens")
+                if iteration % args.log_every == 0:
+                    elapsed = time.time() - last_log
+                    for key, value in losses.items():
+                        writer.add_scalar(key, float(value), iteration)
+                    writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], iteration)
+                    writer.add_scalar("charts/active_latent_dims", active_latent_dims(posterior_mu), iteration)
+                    writer.add_scalar("charts/iterations_per_s", args.log_every / elapsed, iteration)
+                    writer.add_scalar("charts/tokens_per_s", float(tokens) / elapsed, iteration)
+                    tokens, last_log = 0.0, time.time()
+                    progress.update(task, info=f"elbo {float(losses['losses/elbo']):.1f}")
+                progress.advance(task)
+                if phase == "offline":
+                    if iteration % args.eval_every == 0 and iteration < args.num_iterations:
+                        timings["offline_training"] += time.time() - start
+                        evaluate("offline")
+                        start = time.time()
+                    if iteration % args.checkpoint_every == 0:
+                        checkpoint_now(round_index)
+        timings[f"{phase}_training"] += time.time() - start
+
+    try:
+        # ---- offline: maximise the ELBO on the dataset ----
+        if iteration < args.num_iterations:
+            train(args.num_iterations - iteration, "offline training", "offline", 0)
+        if "offline" not in metrics:
+            metrics["offline"] = evaluate("offline")
+            checkpoint_now(0)
+
+        # ---- online: rounds of exploration with optimistic targets, training, exploitation ----
+        for round_index in range(start_round, args.online_rounds):
+            start = time.time()
+            quantile_y = float(torch.quantile(buffer.y.double(), args.quantile))
+            if args.fixed_target is not None:
+                target_y = args.fixed_target  # ablation: a fixed y*
+            else:
+                target_y = exploration_target(buffer.y, args.quantile, args.delta_y)
+
+            def choose_plan(s0, target_y=target_y):
+                z0, _, logvar = explore_plans(model, s0, target_y, args, autocast)
+                return z0, {"logvar": logvar}
+
+            episodes = rollout(
+                envs,
+                model,
+                choose_plan,
+                args.episodes_per_round,
+                normalize,
+                args,
+                seed=args.seed + 20_000 + round_index,
+                autocast=autocast,
+                description=f"round {round_index + 1}: explore (y+ = {100 * target_y:.1f})",
+            )
+            new_returns = np.array(episodes["returns_raw"])
+            new_y = normalize_returns(new_returns, ref_min, ref_max)
+            buffer = buffer.append(
+                TrajectoryBuffer(
+                    *pad_trajectories(episodes["states"], episodes["actions"], padded_len, device),
+                    returns_raw=torch.as_tensor(new_returns, device=device),
+                    y=torch.as_tensor(new_y, device=device, dtype=torch.float32),
+                )
+            )
+            # the new trajectories' local posteriors start at the plan that generated them
+            posterior_mu = torch.cat([posterior_mu, torch.stack([p["z0"] for p in episodes["plan"]])])
+            posterior_logvar = torch.cat([posterior_logvar, torch.stack([p["logvar"] for p in episodes["plan"]])])
+            timings["online_collection"] += time.time() - start
+            writer.add_scalar("online/round", round_index + 1, iteration)
+            writer.add_scalar("online/target_score", 100 * target_y, iteration)
+            writer.add_scalar("online/buffer_quantile_score", 100 * quantile_y, iteration)
+            writer.add_scalar("online/achieved_score", 100 * new_y.mean(), iteration)
+            writer.add_scalar("online/achieved_score_max", 100 * new_y.max(), iteration)
+            writer.add_scalar("online/buffer_trajectories", len(buffer), iteration)
+            writer.add_scalar("online/buffer_score_mean", 100 * buffer.y.mean(), iteration)
+            print(
+                f"round {round_index + 1}: y+ {100 * target_y:.1f}, achieved {100 * new_y.mean():.1f} "
+                f"+- {100 * new_y.std():.1f}, buffer {len(buffer)} trajectories"
+            )
+
+            train(args.online_iterations, f"round {round_index + 1}: train", "online", round_index)
+            result = evaluate(f"round {round_index + 1}")
+            result |= {"round": round_index + 1, "target_score": 100 * target_y, "achieved_score": 100 * new_y.mean()}
+            metrics.setdefault("online", []).append(result)
+            checkpoint_now(round_index + 1)
+    finally:
+        metrics["timings_s"] = timings | {"total": time.time() - run_start}
+        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        envs.close()
+        writer.close()
