@@ -883,7 +883,7 @@ if __name__ == "__main__":
         [make_env(env_spec) for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
 
-    def evaluate(label: str) -> dict:
+    def evaluate(label: str, num_episodes: int) -> tuple[dict, dict]:
         """Exploitation: ascent on the plan at every reset, deterministic actions; normalised score x 100."""
         start = time.time()
         traces = []
@@ -897,7 +897,7 @@ if __name__ == "__main__":
             envs,
             model,
             choose_plan,
-            args.eval_episodes,
+            num_episodes,
             normalize,
             args,
             seed=args.seed + 10_000 + iteration,
@@ -934,7 +934,7 @@ if __name__ == "__main__":
             f"[{label}] iteration {iteration}: normalised score {result['score_mean']:.1f} +- "
             f"{result['score_std']:.1f} (predicted {result['predicted_score_mean']:.1f})"
         )
-        return result
+        return result, episodes
 
     def train(num_iterations: int, description: str, phase: str, round_index: int):
         global iteration
@@ -962,7 +962,7 @@ if __name__ == "__main__":
                 if phase == "offline":
                     if iteration % args.eval_every == 0 and iteration < args.num_iterations:
                         timings["offline_training"] += time.time() - start
-                        evaluate("offline")
+                        evaluate("offline", args.eval_episodes)
                         start = time.time()
                     if iteration % args.checkpoint_every == 0:
                         checkpoint_now(round_index)
@@ -973,7 +973,7 @@ if __name__ == "__main__":
         if iteration < args.num_iterations:
             train(args.num_iterations - iteration, "offline training", "offline", 0)
         if "offline" not in metrics:
-            metrics["offline"] = evaluate("offline")
+            metrics["offline"], _ = evaluate("offline", args.eval_episodes)
             checkpoint_now(0)
 
         # ---- online: rounds of exploration with optimistic targets, training, exploitation ----
@@ -1026,7 +1026,7 @@ if __name__ == "__main__":
             )
 
             train(args.online_iterations, f"round {round_index + 1}: train", "online", round_index)
-            result = evaluate(f"round {round_index + 1}")
+            result, _ = evaluate(f"round {round_index + 1}", args.eval_episodes)
             result |= {"round": round_index + 1, "target_score": 100 * target_y, "achieved_score": 100 * new_y.mean()}
             metrics.setdefault("online", []).append(result)
             checkpoint_now(round_index + 1)

@@ -122,6 +122,9 @@ class Args:
     """episodes per evaluation"""
     eval_every: int = 1000
     """evaluate every this many offline iterations (and always at the end of the offline phase)"""
+    analysis_episodes: int = 100
+    """episodes of the final offline and online evaluations, analysed for success by start cell, path efficiency,
+    novel routes and the map of plans (0: no analyses, those evaluations use --eval-episodes)"""
 
     # Exploration: online fine-tuning with optimistic targets
     online_rounds: int = 3
@@ -160,7 +163,7 @@ def check_args(args: Args):
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     non_negative = """num_iterations warmup_iterations inner_steps exploit_steps online_rounds online_iterations
-        explore_steps free_bits exploit_kl_weight weight_decay""".split()
+        explore_steps free_bits exploit_kl_weight weight_decay analysis_episodes""".split()
     for name in non_negative:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
@@ -928,6 +931,109 @@ def rollout(
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Maze analyses: where the agent succeeds, how directly it goes, whether its routes are new, the map of its plans
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def position_cells(maze, positions: np.ndarray) -> np.ndarray:
+    """[T, 2] x, y -> [T, 2] (row, col) of the maze cells (maze.cell_xy_to_rowcol for many positions at once)."""
+    rows = np.floor((maze.y_map_center - positions[:, 1]) / maze.maze_size_scaling)
+    cols = np.floor((positions[:, 0] + maze.x_map_center) / maze.maze_size_scaling)
+    return np.stack([rows, cols], axis=1).astype(int)
+
+
+def cell_route(cells: np.ndarray) -> tuple:
+    """The cells visited in order, consecutive repeats collapsed."""
+    keep = np.ones(len(cells), dtype=bool)
+    keep[1:] = (cells[1:] != cells[:-1]).any(1)
+    return tuple(map(tuple, cells[keep].tolist()))
+
+
+def route_key(route: tuple) -> str:
+    return "|" + "|".join(f"{row},{col}" for row, col in route) + "|"
+
+
+def route_index(routes: list[tuple]) -> str:
+    """All routes in one string, so that `route_key(r) in index` asks whether r is a contiguous piece of one of them."""
+    return "#".join(route_key(route) for route in routes)
+
+
+def analyse_episodes(states: list[np.ndarray], maze, goal_cell: tuple, training_routes: str) -> dict:
+    """Per evaluation episode (raw states [T, 6]): start cell, success (the goal radius reached), path efficiency
+    (BFS cells from start to goal / cells the agent moved through until it first arrived; 0 if it never did), and
+    whether its route until arrival occurs in no training trajectory."""
+    tree = shortest_path_tree(maze.maze_map, goal_cell)
+    result = {"start_cell": [], "success": [], "efficiency": [], "novel_route": []}
+    for episode in states:
+        distance = np.linalg.norm(episode[:, :2] - episode[:, 4:6], axis=1)
+        arrived = np.flatnonzero(distance <= GOAL_RADIUS)
+        cells = position_cells(maze, episode[:, :2])
+        start = tuple(cells[0].tolist())
+        route = cell_route(cells[: arrived[0] + 1]) if len(arrived) else ()
+        moves = len(route) - 1
+        efficiency = (tree[start][1] / moves if moves > 0 else 1.0) if len(arrived) else 0.0
+        result["start_cell"].append(start)
+        result["success"].append(bool(len(arrived)))
+        result["efficiency"].append(efficiency)
+        result["novel_route"].append(bool(len(arrived)) and moves > 0 and route_key(route) not in training_routes)
+    return result
+
+
+def plot_success_by_start_cell(maze, goal_cell: tuple, start_cells: list, success: list, title: str):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows, cols = len(maze.maze_map), len(maze.maze_map[0])
+    successes, counts = np.zeros((rows, cols)), np.zeros((rows, cols))
+    for (row, col), ok in zip(start_cells, success, strict=True):
+        successes[row, col] += ok
+        counts[row, col] += 1
+    rate = np.where(counts > 0, successes / np.maximum(counts, 1), np.nan)
+    walls = np.array([[cell == 1 for cell in row] for row in maze.maze_map])
+    figure, axis = plt.subplots(figsize=(1 + 0.6 * cols, 0.6 * rows + 0.8))
+    axis.imshow(np.where(walls, 1.0, np.nan), cmap="Greys", vmin=0, vmax=1.5)
+    image = axis.imshow(rate, cmap="viridis", vmin=0, vmax=1)
+    axis.scatter([goal_cell[1]], [goal_cell[0]], marker="*", s=200, color="red", label="goal")
+    for (row, col), n in np.ndenumerate(counts):
+        if n:
+            axis.text(col, row, int(n), ha="center", va="center", fontsize=7, color="white")
+    figure.colorbar(image, ax=axis, label="success rate (episodes per cell written in)")
+    axis.set_title(title, fontsize=9)
+    axis.set_xticks([])
+    axis.set_yticks([])
+    figure.tight_layout()
+    return figure
+
+
+def plot_plan_map(plans: np.ndarray, scores: np.ndarray, start_cells: list, title: str):
+    """The plans z = U(z0, s0) of the evaluation episodes projected on their first two principal components,
+    coloured by the score they achieved and by their start cell."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    centred = plans - plans.mean(0)
+    _, _, components = np.linalg.svd(centred, full_matrices=False)
+    projected = centred @ components[:2].T
+    cell_ids = {cell: i for i, cell in enumerate(sorted(set(start_cells)))}
+    figure, axes = plt.subplots(1, 2, figsize=(10, 4))
+    points = axes[0].scatter(projected[:, 0], projected[:, 1], c=scores, cmap="viridis", s=12)
+    figure.colorbar(points, ax=axes[0], label="normalised score")
+    axes[1].scatter(projected[:, 0], projected[:, 1], c=[cell_ids[c] for c in start_cells], cmap="tab20", s=12)
+    axes[0].set_title("plans coloured by achieved score", fontsize=9)
+    axes[1].set_title("plans coloured by start cell", fontsize=9)
+    for axis in axes:
+        axis.set_xlabel("PC 1")
+        axis.set_ylabel("PC 2")
+    figure.suptitle(title, fontsize=10)
+    figure.tight_layout()
+    return figure
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Logging and checkpoints
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -1029,6 +1135,16 @@ if __name__ == "__main__":
     def normalize(obs) -> np.ndarray:
         return state_normalizer(flatten_observation(obs) if isinstance(obs, dict) else obs)
 
+    analysis_env = gym.make(env_spec)  # for the maze's geometry
+    remove_maze_xml(analysis_env)
+    maze = analysis_env.unwrapped.maze
+    analysis_env.close()
+    goal_cells = [(r, c) for r, row in enumerate(maze.maze_map) for c, cell in enumerate(row) if cell == "g"]
+    goal_cell = goal_cells[0] if goal_cells else MAZES[args.env_id.lower()][1]
+    training_routes = route_index(
+        [cell_route(position_cells(maze, s[:, :2])) for s in split_episodes(data["states"], data["lengths"])]
+    )
+
     max_len = max(env_spec.max_episode_steps or 0, max(len(a) for a in dataset_actions))
     padded_len = int(math.ceil(max_len / args.context_len) * args.context_len)
     buffer = TrajectoryBuffer(
@@ -1127,7 +1243,7 @@ if __name__ == "__main__":
         [make_env(env_spec) for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
 
-    def evaluate(label: str) -> dict:
+    def evaluate(label: str, num_episodes: int) -> tuple[dict, dict]:
         """Exploitation: ascent on the plan at every reset, deterministic actions; normalised score x 100."""
         start = time.time()
         traces = []
@@ -1141,7 +1257,7 @@ if __name__ == "__main__":
             envs,
             model,
             choose_plan,
-            args.eval_episodes,
+            num_episodes,
             normalize,
             args,
             seed=args.seed + 10_000 + iteration,
@@ -1178,6 +1294,40 @@ if __name__ == "__main__":
             f"[{label}] iteration {iteration}: normalised score {result['score_mean']:.1f} +- "
             f"{result['score_std']:.1f} (predicted {result['predicted_score_mean']:.1f})"
         )
+        return result, episodes
+
+    def analyse(label: str, episodes: dict) -> dict:
+        """The paper's Maze2D claims, measured on one evaluation's episodes."""
+        raw_states = [s * state_normalizer.std + state_normalizer.mean for s in episodes["states"]]
+        found = analyse_episodes(raw_states, maze, goal_cell, training_routes)
+        scores = 100 * normalize_returns(np.array(episodes["returns_raw"]), ref_min, ref_max)
+        result = {
+            "success_rate": float(np.mean(found["success"])),
+            "path_efficiency": float(np.mean(found["efficiency"])),
+            "path_efficiency_successful": float(
+                np.mean([e for e, ok in zip(found["efficiency"], found["success"], strict=True) if ok] or [0.0])
+            ),
+            "novel_route_share": float(np.mean(found["novel_route"])),
+            "episodes": len(scores),
+        }
+        for key, value in result.items():
+            writer.add_scalar(f"analysis/{key}", value, iteration)
+        name = label.replace(" ", "_")
+        figure = plot_success_by_start_cell(
+            maze, goal_cell, found["start_cell"], found["success"], f"success by start cell ({label})"
+        )
+        figure.savefig(os.path.join(run_dir, f"success_by_start_cell_{name}.png"))
+        writer.add_figure("analysis/success_by_start_cell", figure, iteration)
+        with torch.no_grad():
+            s0 = torch.as_tensor(np.stack([s[0] for s in episodes["states"]]), device=device)
+            z0 = torch.stack([plan["z0"] for plan in episodes["plan"]])
+            plans = torch.cat(model.plan(z0, s0), dim=1).flatten(1).float().cpu().numpy()
+        figure = plot_plan_map(plans, scores, found["start_cell"], f"plans of the evaluation episodes ({label})")
+        figure.savefig(os.path.join(run_dir, f"plan_map_{name}.png"))
+        writer.add_figure("analysis/plan_map", figure, iteration)
+        print(f"[{label}] success {result['success_rate']:.2f}, path efficiency {result['path_efficiency']:.2f}, "
+              f"novel routes {result['novel_route_share']:.2f} over {result['episodes']} episodes")  # fmt: skip
+        metrics.setdefault("analysis", {})[label] = result
         return result
 
     def train(num_iterations: int, description: str, phase: str, round_index: int):
@@ -1206,7 +1356,7 @@ if __name__ == "__main__":
                 if phase == "offline":
                     if iteration % args.eval_every == 0 and iteration < args.num_iterations:
                         timings["offline_training"] += time.time() - start
-                        evaluate("offline")
+                        evaluate("offline", args.eval_episodes)
                         start = time.time()
                     if iteration % args.checkpoint_every == 0:
                         checkpoint_now(round_index)
@@ -1217,7 +1367,9 @@ if __name__ == "__main__":
         if iteration < args.num_iterations:
             train(args.num_iterations - iteration, "offline training", "offline", 0)
         if "offline" not in metrics:
-            metrics["offline"] = evaluate("offline")
+            metrics["offline"], episodes = evaluate("offline", args.analysis_episodes or args.eval_episodes)
+            if args.analysis_episodes:
+                analyse("offline", episodes)
             checkpoint_now(0)
 
         # ---- online: rounds of exploration with optimistic targets, training, exploitation ----
@@ -1270,7 +1422,13 @@ if __name__ == "__main__":
             )
 
             train(args.online_iterations, f"round {round_index + 1}: train", "online", round_index)
-            result = evaluate(f"round {round_index + 1}")
+            last_round = round_index + 1 == args.online_rounds
+            result, episodes = evaluate(
+                f"round {round_index + 1}",
+                args.analysis_episodes if last_round and args.analysis_episodes else args.eval_episodes,
+            )
+            if last_round and args.analysis_episodes:
+                analyse(f"round {round_index + 1}", episodes)
             result |= {"round": round_index + 1, "target_score": 100 * target_y, "achieved_score": 100 * new_y.mean()}
             metrics.setdefault("online", []).append(result)
             checkpoint_now(round_index + 1)
