@@ -1,0 +1,173 @@
+"""gac_maze2d.py: flattening, BFS, the waypoint controller, regeneration, training returns, analyses, end to end."""
+
+import glob
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+import gymnasium as gym
+import minari
+import numpy as np
+import pytest
+from conftest import ROOT
+
+import gac_maze2d as gac
+
+U_MAZE_GOAL = (1, 1)
+
+
+@pytest.fixture(scope="module")
+def tiny_maze_dataset(minari_root):
+    """A 3000-step regeneration of umaze by the published recipe (about ten seconds)."""
+    dataset_id = gac.regenerated_dataset_id("umaze", 3000)
+    if not gac.dataset_is_local(dataset_id):
+        gac.regenerate_dataset("umaze", 3000, dataset_id)
+    return dataset_id
+
+
+def test_flatten_observation_keeps_observation_then_desired_goal():
+    obs = {"observation": np.array([1.0, 2.0, 3.0, 4.0]), "achieved_goal": np.array([1.0, 2.0]),
+           "desired_goal": np.array([5.0, 6.0])}  # fmt: skip
+    np.testing.assert_array_equal(gac.flatten_observation(obs), [1, 2, 3, 4, 5, 6])
+    batch = {key: np.stack([value, value + 10]) for key, value in obs.items()}
+    flat = gac.flatten_observation(batch)
+    assert flat.shape == (2, 6) and flat.dtype == np.float32
+    np.testing.assert_array_equal(flat[1], [11, 12, 13, 14, 15, 16])
+
+
+def test_bfs_gives_shortest_cell_distances_and_next_cells():
+    from gymnasium_robotics.envs.maze.maps import U_MAZE
+
+    tree = gac.shortest_path_tree(U_MAZE, U_MAZE_GOAL)
+    assert tree[U_MAZE_GOAL] == (U_MAZE_GOAL, 0)
+    assert tree[(3, 1)] == ((3, 2), 6)  # around the U: (3,1) (3,2) (3,3) (2,3) (1,3) (1,2) (1,1)
+    assert tree[(1, 3)] == ((1, 2), 2)
+    assert (2, 1) not in tree  # a wall
+
+
+def test_waypoint_controller_reaches_and_holds_the_goal():
+    env = gac.maze_env("umaze", evaluation=True, max_episode_steps=300)
+    controller = gac.WaypointController(env.unwrapped.maze, np.random.default_rng(0))
+    obs, _ = env.reset(seed=0, options={"reset_cell": np.array([3, 1])})
+    rewards, done = [], False
+    while not done:
+        obs, reward, terminated, truncated, _ = env.step(controller(obs))
+        rewards.append(reward)
+        done = terminated or truncated
+    first_arrival = rewards.index(1.0)
+    assert first_arrival < 200 and sum(rewards) == 300 - first_arrival  # arrives from the far end, then stays
+    env.close()
+
+
+def test_maze_envs_leave_no_xml_in_the_temp_folder():
+    pattern = os.path.join(tempfile.gettempdir(), "ant_maze*.xml")
+    before = set(glob.glob(pattern))
+    env = gac.maze_env("medium", evaluation=True, max_episode_steps=600)
+    gac.make_env(env.spec)().close()
+    env.close()
+    with gac.removing_maze_xml():
+        gym.make("PointMaze_UMaze-v3").close()  # as Minari makes them
+    assert set(glob.glob(pattern)) == before
+
+
+def test_hindsight_returns_count_the_steps_at_the_goal_after_arrival():
+    rewards = [np.zeros(10), np.zeros(300), np.zeros(301), np.zeros(50)]
+    rewards[0][-1] = rewards[1][-1] = rewards[2][-1] = 1.0
+    reached = np.array([True, True, True, False])
+    np.testing.assert_array_equal(gac.training_returns(rewards, reached, 300, "hindsight"), [291, 1, 0, 0])
+    np.testing.assert_array_equal(gac.training_returns(rewards, reached, 300, "dataset"), [1, 1, 1, 0])
+
+
+def test_regenerated_dataset_loads_with_reference_scores_and_fixed_goal_evaluation(tiny_maze_dataset):
+    dataset = minari.load_dataset(tiny_maze_dataset)
+    assert dataset.total_steps == 3000 and dataset.total_episodes > 10
+    metadata = dataset.storage.metadata
+    assert 0 <= metadata["ref_min_score"] < 50 < metadata["ref_max_score"] <= 300
+    assert "Local regeneration" in metadata["description"]
+    eval_env = dataset.recover_environment(eval_env=True)
+    assert eval_env.spec.max_episode_steps == 300 and eval_env.spec.kwargs["reset_target"] is False
+    gac.remove_maze_xml(eval_env)
+    episodes = list(dataset.iterate_episodes())
+    for episode in episodes[:-1]:  # every episode but the trailing one ends at its goal
+        final = np.linalg.norm(episode.observations["achieved_goal"][-1] - episode.observations["desired_goal"][-1])
+        assert final <= gac.GOAL_RADIUS and episode.truncations[-1]
+
+
+def test_read_episodes_gives_each_state_its_episodes_goal_and_caches(tiny_maze_dataset):
+    dataset = minari.load_dataset(tiny_maze_dataset)
+    data = gac.read_episodes(dataset, cache=False)
+    first = next(dataset.iterate_episodes())
+    assert data["lengths"][0] == len(first.actions) and data["lengths"].sum() == 3000
+    states = gac.split_episodes(data["states"], data["lengths"])[0]
+    np.testing.assert_allclose(
+        states[:, 4:6], np.broadcast_to(first.observations["desired_goal"][-1], (len(states), 2))
+    )
+    np.testing.assert_allclose(states[:, :4], first.observations["observation"][:-1], rtol=1e-6)
+    assert data["reached_goal"][:-1].all()
+    cached_first = gac.read_episodes(dataset)
+    cached_second = gac.read_episodes(dataset)
+    for key in data:
+        np.testing.assert_array_equal(cached_first[key], data[key])
+        np.testing.assert_array_equal(cached_second[key], data[key])
+
+
+def test_path_efficiency_and_novel_routes():
+    env = gac.maze_env("umaze", evaluation=True, max_episode_steps=300)
+    maze = env.unwrapped.maze
+    env.close()
+    goal = maze.cell_rowcol_to_xy(np.array(U_MAZE_GOAL))
+
+    def episode(cells, end_at_goal=True):
+        xy = [maze.cell_rowcol_to_xy(np.array(c)) for c in cells] + ([goal] if end_at_goal else [])
+        positions = np.repeat(np.array(xy), 3, axis=0)
+        return np.concatenate([positions, np.zeros((len(positions), 2)), np.tile(goal, (len(positions), 1))], 1)
+
+    shortest = episode([(1, 3), (1, 2)])
+    detour = episode([(1, 3), (2, 3), (1, 3), (1, 2)])
+    lost = episode([(3, 1), (3, 2)], end_at_goal=False)
+    training = gac.route_index([((3, 3), (2, 3), (1, 3), (1, 2), (1, 1))])
+    found = gac.analyse_episodes([shortest, detour, lost], maze, U_MAZE_GOAL, training)
+    assert found["start_cell"] == [(1, 3), (1, 3), (3, 1)]
+    assert found["success"] == [True, True, False]
+    assert found["efficiency"] == [1.0, 0.5, 0.0]  # 2 cells / 2 moves, 2 cells / 4 moves, never arrived
+    assert found["novel_route"] == [False, True, False]  # (1,3)(1,2)(1,1) is a piece of the training route
+    assert gac.route_key(((1, 2), (1, 3))) not in gac.route_index([((11, 2), (1, 3))])
+
+
+def test_end_to_end_regenerates_then_reuses_the_dataset(minari_root, tmp_path):
+    flags = [
+        "--dataset-steps", "3000", "--d-model", "32", "--n-head", "2", "--context-len", "8", "--batch-size", "8",
+        "--num-iterations", "10", "--warmup-iterations", "5", "--eval-every", "100", "--log-every", "5",
+        "--eval-episodes", "2", "--num-envs", "4", "--num-candidates", "4", "--exploit-steps", "3",
+        "--explore-steps", "3", "--online-rounds", "1", "--episodes-per-round", "4", "--online-iterations", "5",
+        "--analysis-episodes", "8",
+    ]  # fmt: skip
+    script = os.path.join(ROOT, "gac_maze2d.py")
+    env = os.environ | {"MINARI_DATASETS_PATH": str(tmp_path / "datasets")}
+    first = subprocess.run([sys.executable, script, *flags], cwd=tmp_path, capture_output=True, text=True, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "REGENERATING gac-regenerated/pointmaze/umaze-3000steps-v2" in first.stdout
+    (run_name,) = os.listdir(tmp_path / "runs")
+    run_dir = tmp_path / "runs" / run_name
+    metrics = json.load(open(run_dir / "metrics.json"))
+    assert set(metrics["analysis"]) == {"offline", "round 1"}
+    assert 0.0 <= metrics["analysis"]["offline"]["path_efficiency"] <= 1.5
+    for name in ["success_by_start_cell_offline.png", "plan_map_round_1.png", "inference_dynamics_10.png"]:
+        assert (run_dir / name).exists(), name
+    second = subprocess.run([sys.executable, script, *flags, "--online-rounds", "0"], cwd=tmp_path,
+                            capture_output=True, text=True, env=env)  # fmt: skip
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "REGENERATING" not in second.stdout and "using gac-regenerated/pointmaze/umaze-3000steps-v2" in second.stdout
+
+
+def test_bad_input_gets_one_line(tmp_path):
+    script = os.path.join(ROOT, "gac_maze2d.py")
+    for flags, expected in [
+        (["--env-id", "huge"], "valid: umaze, medium, large"),
+        (["--training-return", "raw"], "--training-return must be hindsight or dataset"),
+    ]:
+        result = subprocess.run([sys.executable, script, *flags], cwd=tmp_path, capture_output=True, text=True)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode != 0 and len(lines) == 1 and expected in lines[0], result.stderr
