@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -122,6 +123,9 @@ class Args:
     """episodes collected with exploration plans per round"""
     online_iterations: int = 1000
     """global updates on the grown buffer per round"""
+    online_fraction: float = 0.5
+    """share of each online-phase batch drawn from the trajectories collected online, the rest from the dataset
+    (symmetric sampling; without it a few hundred new episodes are lost among the dataset's thousands)"""
     quantile: float = 0.8
     """q: the target is y+ = quantile_q(buffer returns) + delta_y"""
     delta_y: float = 0.1
@@ -164,6 +168,8 @@ def check_args(args: Args):
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0.0 <= args.quantile <= 1.0:
         fail(f"--quantile must be in [0, 1], got {args.quantile}")
+    if not 0.0 <= args.online_fraction <= 1.0:
+        fail(f"--online-fraction must be in [0, 1], got {args.online_fraction}")
     if not 0.0 <= args.dropout < 1.0:
         fail(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.d_model % args.n_head:
@@ -492,9 +498,29 @@ def active_latent_dims(posterior_mu: torch.Tensor, threshold: float = 0.01) -> i
     return int((posterior_mu.flatten(1).var(0) > threshold).sum())
 
 
-def train_iteration(model, optimizer, scheduler, buffer, posterior_mu, posterior_logvar, args, generator, autocast):
+def sample_batch(
+    lengths: torch.Tensor, n_offline: int, batch_size: int, online_fraction: float, generator: torch.Generator
+) -> torch.Tensor:
+    """Trajectory indices drawn with probability proportional to length (every timestep equally likely). Once the
+    buffer holds online trajectories (indices from n_offline on), round(online_fraction * batch_size) come from them."""
+    weights = lengths.float()
+    n_online = round(online_fraction * batch_size) if len(lengths) > n_offline else 0
+    parts = []
+    if n_online < batch_size:
+        parts.append(
+            torch.multinomial(weights[:n_offline], batch_size - n_online, replacement=True, generator=generator)
+        )
+    if n_online > 0:
+        online = torch.multinomial(weights[n_offline:], n_online, replacement=True, generator=generator)
+        parts.append(n_offline + online)
+    return torch.cat(parts)
+
+
+def train_iteration(
+    model, optimizer, scheduler, buffer, n_offline, posterior_mu, posterior_logvar, args, generator, autocast
+):
     """One iteration of Algorithm 1: local posterior steps for a batch of trajectories, then one global step."""
-    idx = torch.multinomial(buffer.lengths.float(), args.batch_size, replacement=True, generator=generator)
+    idx = sample_batch(buffer.lengths, n_offline, args.batch_size, args.online_fraction, generator)
     lengths = buffer.lengths[idx]
     K = args.context_len
     T = int(math.ceil(lengths.max().item() / K) * K)  # only as many blocks as the longest trajectory needs
@@ -742,6 +768,8 @@ def seed_everything(seed: int, torch_deterministic: bool):
 if __name__ == "__main__":
     args = tyro.cli(Args)
     check_args(args)
+    # a kill (SIGTERM, as from `timeout` or a scheduler) unwinds like Ctrl-C: the finally block writes metrics.json
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     checkpoint = None
     if args.resume:
         path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
@@ -883,6 +911,12 @@ if __name__ == "__main__":
         [make_env(env_spec) for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
 
+    def write_metrics():
+        metrics["timings_s"] = timings | {"total": time.time() - run_start}
+        with open(os.path.join(run_dir, "metrics.json.tmp"), "w") as f:
+            json.dump(metrics, f, indent=2)
+        os.replace(os.path.join(run_dir, "metrics.json.tmp"), os.path.join(run_dir, "metrics.json"))
+
     def evaluate(label: str, num_episodes: int) -> tuple[dict, dict]:
         """Exploitation: ascent on the plan at every reset, deterministic actions; normalised score x 100."""
         start = time.time()
@@ -929,6 +963,7 @@ if __name__ == "__main__":
         figure.savefig(os.path.join(run_dir, f"inference_dynamics_{iteration}.png"))
         writer.add_figure("eval/inference_dynamics", figure, iteration)
         metrics["evaluations"].append(result)
+        write_metrics()
         timings["evaluation"] += time.time() - start
         print(
             f"[{label}] iteration {iteration}: normalised score {result['score_mean']:.1f} +- "
@@ -944,7 +979,16 @@ if __name__ == "__main__":
             task = progress.add_task(description, total=num_iterations, info="")
             for _ in range(num_iterations):
                 losses = train_iteration(
-                    model, optimizer, scheduler, buffer, posterior_mu, posterior_logvar, args, generator, autocast
+                    model,
+                    optimizer,
+                    scheduler,
+                    buffer,
+                    n_offline,
+                    posterior_mu,
+                    posterior_logvar,
+                    args,
+                    generator,
+                    autocast,
                 )
                 iteration += 1
                 tokens += losses.pop("charts/tokens")
@@ -1031,8 +1075,6 @@ if __name__ == "__main__":
             metrics.setdefault("online", []).append(result)
             checkpoint_now(round_index + 1)
     finally:
-        metrics["timings_s"] = timings | {"total": time.time() - run_start}
-        with open(os.path.join(run_dir, "metrics.json"), "w") as f:
-            json.dump(metrics, f, indent=2)
+        write_metrics()
         envs.close()
         writer.close()

@@ -237,7 +237,7 @@ def test_train_iteration_fills_the_local_posteriors_and_returns_every_term():
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     before = [p.detach().clone() for p in model.parameters()]
     generator = torch.Generator().manual_seed(0)
-    losses = gac.train_iteration(model, optimizer, scheduler, buffer, mu, logvar, args, generator, gac_nullcontext)
+    losses = gac.train_iteration(model, optimizer, scheduler, buffer, 3, mu, logvar, args, generator, gac_nullcontext)
     expected = {"losses/action_nll_per_step", "losses/return_nll", "losses/return_mse", "losses/kl",
                 "losses/kl_free_bits", "losses/elbo", "charts/posterior_std", "charts/tokens"}  # fmt: skip
     assert set(losses) == expected
@@ -245,6 +245,20 @@ def test_train_iteration_fills_the_local_posteriors_and_returns_every_term():
     assert losses["losses/kl_free_bits"] >= losses["losses/kl"] - 1e-5
     assert mu.abs().sum() > 0  # the batch's posteriors moved and were written back
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_sample_batch_weights_by_length_and_gives_online_data_its_share():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([100, 0, 300, 50, 50])  # 3 dataset trajectories, then 2 collected online
+    # offline phase: the buffer is all dataset, indices in proportion to length (a length-0 one never drawn)
+    idx = gac.sample_batch(lengths[:3], 3, 4000, 0.5, generator)
+    assert idx.max() <= 2 and not (idx == 1).any()
+    assert abs((idx == 2).float().mean().item() - 0.75) < 0.03
+    # online phase: exactly half the batch from the online trajectories, the rest from the dataset
+    idx = gac.sample_batch(lengths, 3, 4000, 0.5, generator)
+    assert (idx >= 3).sum() == 2000 and (idx[:2000] < 3).all()
+    assert (gac.sample_batch(lengths, 3, 10, 1.0, generator) >= 3).all()
+    assert (gac.sample_batch(lengths, 3, 10, 0.0, generator) < 3).all()
 
 
 def test_active_latent_dims_sees_collapse():
