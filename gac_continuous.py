@@ -14,6 +14,7 @@ import json
 import math
 import os
 import random
+import re
 import signal
 import sys
 import time
@@ -56,7 +57,8 @@ class Args:
     env_id: str = "Hopper"
     """the environment: Hopper, Walker2d, HalfCheetah or Ant"""
     dataset: str = "medium"
-    """the dataset quality; the Minari id is mujoco/<env>/<dataset>-v0"""
+    """Minari's levels simple, medium, expert (mujoco/<env>/<dataset>-v0), or the D4RL-style levels d4rl-medium,
+    d4rl-expert, d4rl-medium-expert that datasets/make_dataset.py regenerates (gac-regenerated/mujoco/<env>/...)"""
     dataset_id: str | None = None
     """any Minari dataset id, local or remote (overrides --env-id and --dataset)"""
 
@@ -183,18 +185,45 @@ def check_args(args: Args):
 # ---------------------------------------------------------------------------------------------------------------
 
 
+MINARI_LEVELS = ("simple", "medium", "expert")
+REGENERATED_LEVELS = ("d4rl-medium", "d4rl-expert", "d4rl-medium-expert")
+
+
 def resolve_dataset_id(args: Args) -> str:
     if args.dataset_id:
         return args.dataset_id
     env_name = ENV_NAMES.get(args.env_id.lower())
     if env_name is None:
         fail(f"unknown --env-id {args.env_id!r}; valid: {', '.join(ENV_NAMES.values())} (or give --dataset-id)")
+    if args.dataset in REGENERATED_LEVELS:
+        return f"gac-regenerated/mujoco/{env_name.lower()}/{args.dataset}-v0"
+    if args.dataset not in MINARI_LEVELS:
+        fail(f"unknown --dataset {args.dataset!r}; valid: {', '.join(MINARI_LEVELS + REGENERATED_LEVELS)}")
     return f"mujoco/{env_name.lower()}/{args.dataset}-v0"
+
+
+def dataset_hint(dataset_id: str) -> str:
+    """For a missing Gym-MuJoCo dataset: the local regeneration to use instead, or the command that makes it."""
+    match = re.fullmatch(
+        r"(?:gac-regenerated/)?mujoco/(\w+)/(?:d4rl-)?(simple|medium|expert|medium-expert)-v0", dataset_id
+    )
+    env = next((name for name in ENV_NAMES.values() if match and name.lower() == match[1]), None)
+    if env is None:
+        return ""
+    level = "medium" if match[2] == "simple" else match[2]
+    regenerated = f"gac-regenerated/mujoco/{env.lower()}/d4rl-{level}-v0"
+    root = os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
+    if regenerated != dataset_id and os.path.isdir(os.path.join(root, regenerated, "data")):
+        return f" A local regeneration of D4RL's {level} level (not Minari's) is there: --dataset d4rl-{level}."
+    command = f"python datasets/make_dataset.py generate --env-id {env} --level {level}"
+    return f" To regenerate D4RL's {level} level here: {command}."
 
 
 def load_minari_dataset(dataset_id: str) -> minari.MinariDataset:
     """Loads a local Minari dataset, downloading it when it is not local and a network is there."""
     root = os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
+    if dataset_id.startswith("gac-regenerated/") and not os.path.isdir(os.path.join(root, dataset_id, "data")):
+        fail(f"{dataset_id!r} is not in {root}.{dataset_hint(dataset_id)}")
     try:
         return minari.load_dataset(dataset_id, download=True)
     except Exception as error:  # no network, no huggingface_hub, unknown id: all end the same way
@@ -202,7 +231,7 @@ def load_minari_dataset(dataset_id: str) -> minari.MinariDataset:
         fail(
             f"Minari dataset {dataset_id!r} is not in {root} and could not be downloaded ({reason}). "
             f"On a machine with internet run `minari download {dataset_id}` and copy {root}/{dataset_id} here, "
-            "or point MINARI_DATASETS_PATH at a folder that holds it."
+            f"or point MINARI_DATASETS_PATH at a folder that holds it.{dataset_hint(dataset_id)}"
         )
 
 

@@ -9,7 +9,7 @@ import time
 
 from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tiny_datasets import TINY_HOPPER
+from tiny_datasets import TINY_HOPPER, make_tiny_hopper_dataset
 
 SCRIPT = os.path.join(ROOT, "gac_continuous.py")
 TINY_FLAGS = [
@@ -97,8 +97,18 @@ def test_bad_input_gets_one_line(minari_root, tmp_path):
         (["--dataset-id", "mujoco/hopper/nonexistent-v0"], "minari download mujoco/hopper/nonexistent-v0"),
         (["--dataset-id", TINY_HOPPER, "--quantile", "2"], "--quantile must be in [0, 1]"),
         (["--resume", str(tmp_path / "nowhere")], "no checkpoint at"),
+        (["--dataset", "bogus"], "valid: simple, medium, expert, d4rl-medium"),
+        (["--dataset", "d4rl-expert"], "python datasets/make_dataset.py generate --env-id Hopper --level expert"),
+        (["--env-id", "Walker2d"], "python datasets/make_dataset.py generate --env-id Walker2d --level medium"),
     ]:
         result = run(flags, cwd=tmp_path, check=False)
         assert result.returncode != 0
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and expected in lines[0] and "Traceback" not in result.stderr, result.stderr
+
+
+def test_a_missing_minari_dataset_points_at_the_local_regeneration(minari_root, tmp_path):
+    make_tiny_hopper_dataset("gac-regenerated/mujoco/hopper/d4rl-medium-v0", episodes=2)
+    result = run(["--dataset", "medium"], cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("is there: --dataset d4rl-medium."), result.stderr

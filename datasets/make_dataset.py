@@ -1,0 +1,234 @@
+"""Regenerated Gym-MuJoCo datasets for gac_continuous.py, D4RL's levels, written as real Minari datasets.
+
+    # 1. pick the levels from a behaviour_policy.py run (re-evaluated on 100 episodes) into datasets/policies/
+    python datasets/make_dataset.py select --env-id Hopper
+    # 2. roll a level out for 1M steps (stochastic actions, seeded resets, the trailing partial episode dropped)
+    python datasets/make_dataset.py generate --env-id Hopper --level medium
+
+D4RL's levels (the paper's tables are D4RL's): `expert` is the final SAC policy, `medium` a snapshot of the same
+run at about a third of the expert's return, `medium-expert` both datasets together. They are stored as
+`gac-regenerated/mujoco/<env>/d4rl-<level>-v0`, never under Minari's own ids (Minari's `mujoco/hopper/medium-v0`
+returns ~3,480, far above D4RL's medium). Reference scores: min = a uniformly random policy, max = the expert
+policy (deterministic), 100 episodes each on the evaluation environment.
+"""
+
+import json
+import os
+import sys
+import time
+import warnings
+from dataclasses import dataclass
+
+import gymnasium as gym
+import minari
+import numpy as np
+import torch
+import tyro
+from minari.data_collector import EpisodeBuffer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from behaviour_policy import ENVS, evaluate_policy, load_actor  # noqa: E402
+
+POLICY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies")
+LEVELS = ("medium", "expert", "medium-expert")
+
+
+def fail(message: str):
+    raise SystemExit(f"make_dataset.py: error: {message}")
+
+
+def dataset_id_for(env_id: str, level: str) -> str:
+    return f"gac-regenerated/mujoco/{env_id.lower()}/d4rl-{level}-v0"
+
+
+def policy_path(env_id: str, level: str, policy_dir: str = POLICY_DIR) -> str:
+    return os.path.join(policy_dir, f"{env_id}-{level}.pt")
+
+
+def read_policy_table(policy_dir: str = POLICY_DIR) -> dict:
+    path = os.path.join(policy_dir, "policies.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path) as f:
+        return json.load(f)
+
+
+def pick_levels(evaluated: dict[int, float], fraction: float) -> tuple[int, int]:
+    """(expert step, medium step): the expert is the best snapshot, the medium the snapshot whose return is
+    closest to fraction x the expert's (D4RL: about a third)."""
+    expert = max(evaluated, key=evaluated.get)
+    target = fraction * evaluated[expert]
+    medium = min(evaluated, key=lambda step: abs(evaluated[step] - target))
+    return expert, medium
+
+
+def collect_episodes(policy, env_name: str, steps: int, num_envs: int, seed: int) -> list[dict]:
+    """Whole episodes of `policy(obs) -> actions` on vectorised envs (SAME_STEP autoreset, so the final
+    observation of an episode comes in info["final_obs"]), kept in the order they finish while the total stays
+    within `steps`: the trailing partial episode is dropped, as in Minari's recipe."""
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: gym.make(env_name) for _ in range(num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
+    obs, _ = envs.reset(seed=seed)  # env i starts from seed + i; its later resets follow from that seed
+    running = [{"observations": [o], "actions": [], "rewards": [], "terminations": [], "truncations": []} for o in obs]
+    episodes, total = [], 0
+    progress = Progress(
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+        TimeRemainingColumn(),
+    )  # fmt: skip
+    with progress:
+        task = progress.add_task(f"rolling out {env_name}", total=steps)
+        while True:
+            actions = policy(obs.astype(np.float32))
+            obs, rewards, terminated, truncated, info = envs.step(actions)
+            for i in range(num_envs):
+                episode = running[i]
+                episode["actions"].append(actions[i])
+                episode["rewards"].append(rewards[i])
+                episode["terminations"].append(terminated[i])
+                episode["truncations"].append(truncated[i])
+                if terminated[i] or truncated[i]:
+                    episode["observations"].append(info["final_obs"][i])
+                    if total + len(episode["actions"]) > steps:
+                        envs.close()
+                        return episodes
+                    episodes.append({key: np.array(value) for key, value in episode.items()})
+                    total += len(episode["actions"])
+                    progress.update(task, completed=total)
+                    running[i] = {"observations": [obs[i]], "actions": [], "rewards": [], "terminations": [],
+                                  "truncations": []}  # fmt: skip
+                else:
+                    episode["observations"].append(obs[i])
+
+
+def write_dataset(dataset_id: str, episodes: list[dict], env_name: str, ref_min: float, ref_max: float,
+                  description: str, algorithm: str) -> minari.MinariDataset:  # fmt: skip
+    buffers = [EpisodeBuffer(id=i, infos={}, **episode) for i, episode in enumerate(episodes)]
+    env = gym.make(env_name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Minari asks for an author and a code permalink
+        dataset = minari.create_dataset_from_buffers(
+            dataset_id=dataset_id, buffer=buffers, env=env.spec, eval_env=env.spec, algorithm_name=algorithm,
+            ref_min_score=ref_min, ref_max_score=ref_max, description=description,
+        )  # fmt: skip
+    env.close()
+    return dataset
+
+
+@dataclass
+class Select:
+    """Pick the expert and medium snapshots of a behaviour_policy.py run into datasets/policies/."""
+
+    env_id: str = "Hopper"
+    run_dir: str = "runs/behaviour"
+    """behaviour_policy.py's --out-dir"""
+    candidates: int = 8
+    """snapshots re-evaluated on --episodes episodes: the best few and those nearest a third of the best"""
+    episodes: int = 100
+    medium_fraction: float = 1 / 3
+    policy_dir: str = POLICY_DIR
+    seed: int = 0
+
+
+@dataclass
+class Generate:
+    """Roll a selected policy out into a Minari dataset."""
+
+    env_id: str = "Hopper"
+    level: str = "medium"
+    """medium, expert or medium-expert (both rolled out, stored together)"""
+    steps: int = 1_000_000
+    """transitions per policy (medium-expert: twice this)"""
+    num_envs: int = 10
+    seed: int = 0
+    ref_episodes: int = 100
+    """episodes of the random and the expert policy for the reference scores"""
+    dataset_id: str | None = None
+    """default gac-regenerated/mujoco/<env>/d4rl-<level>-v0"""
+    policy_dir: str = POLICY_DIR
+
+
+def select(args: Select):
+    if args.env_id not in ENVS:
+        fail(f"unknown --env-id {args.env_id!r}; valid: {', '.join(ENVS)}")
+    table_path = os.path.join(args.run_dir, args.env_id, "snapshots.json")
+    if not os.path.exists(table_path):
+        fail(f"no {table_path}: train first with python datasets/behaviour_policy.py --env-id {args.env_id}")
+    with open(table_path) as f:
+        snapshots = {s["step"]: s for s in json.load(f)}
+    quick = {step: s["return_mean"] for step, s in snapshots.items()}
+    best = sorted(quick, key=quick.get, reverse=True)[: args.candidates // 2]
+    near = sorted(quick, key=lambda s: abs(quick[s] - args.medium_fraction * quick[best[0]]))[: args.candidates // 2]
+    evaluated, spread = {}, {}
+    for step in sorted(set(best + near)):
+        actor, _ = load_actor(snapshots[step]["path"])
+        returns = evaluate_policy(lambda o, a=actor: a.act(o, True), ENVS[args.env_id], args.episodes, args.seed)
+        evaluated[step], spread[step] = float(returns.mean()), float(returns.std())
+        print(f"step {step}: {evaluated[step]:.1f} +- {spread[step]:.1f} over {len(returns)} episodes")
+    expert, medium = pick_levels(evaluated, args.medium_fraction)
+    os.makedirs(args.policy_dir, exist_ok=True)
+    table = read_policy_table(args.policy_dir)
+    last_step = max(snapshots)
+    for level, step in [("expert", expert), ("medium", medium)]:
+        actor, checkpoint = load_actor(snapshots[step]["path"])
+        torch.save(checkpoint, policy_path(args.env_id, level, args.policy_dir))
+        table[f"{args.env_id}-{level}"] = {
+            "env": ENVS[args.env_id], "sac_step": step, "run_last_step": last_step,
+            "deterministic_return_mean": evaluated[step], "deterministic_return_std": spread[step],
+            "episodes": args.episodes,
+        }  # fmt: skip
+        print(f"{args.env_id}-{level}: step {step}, return {evaluated[step]:.1f} +- {spread[step]:.1f}")
+    with open(os.path.join(args.policy_dir, "policies.json"), "w") as f:
+        json.dump(table, f, indent=1, sort_keys=True)
+
+
+def generate(args: Generate):
+    if args.env_id not in ENVS:
+        fail(f"unknown --env-id {args.env_id!r}; valid: {', '.join(ENVS)}")
+    if args.level not in LEVELS:
+        fail(f"unknown --level {args.level!r}; valid: {', '.join(LEVELS)}")
+    env_name = ENVS[args.env_id]
+    levels = ["medium", "expert"] if args.level == "medium-expert" else [args.level]
+    for level in {*levels, "expert"}:
+        if not os.path.exists(policy_path(args.env_id, level, args.policy_dir)):
+            fail(f"no {policy_path(args.env_id, level, args.policy_dir)} (the expert gives the reference max): "
+                 f"python datasets/make_dataset.py select --env-id {args.env_id}")  # fmt: skip
+    dataset_id = args.dataset_id or dataset_id_for(args.env_id, args.level)
+    if os.path.isdir(minari.storage.get_dataset_path(dataset_id)):
+        fail(f"{dataset_id} exists at {minari.storage.get_dataset_path(dataset_id)}; delete it to regenerate")
+    start = time.time()
+    expert, _ = load_actor(policy_path(args.env_id, "expert", args.policy_dir))
+    random_env = gym.make(env_name)
+    random_env.action_space.seed(args.seed)
+    ref_min = float(evaluate_policy(lambda o: np.stack([random_env.action_space.sample() for _ in o]), env_name,
+                                    args.ref_episodes, seed=args.seed + 1_000_000).mean())  # fmt: skip
+    ref_max = float(evaluate_policy(lambda o: expert.act(o, True), env_name, args.ref_episodes,
+                                    seed=args.seed + 2_000_000).mean())  # fmt: skip
+    print(f"reference scores: random {ref_min:.1f}, expert {ref_max:.1f} ({args.ref_episodes} episodes each)")
+    torch.manual_seed(args.seed)
+    episodes, made_from = [], []
+    for i, level in enumerate(levels):
+        actor, checkpoint = load_actor(policy_path(args.env_id, level, args.policy_dir))
+        episodes += collect_episodes(lambda o, a=actor: a.act(o, False), env_name, args.steps, args.num_envs,
+                                     seed=args.seed + 10_000 * i)  # fmt: skip
+        made_from.append(f"{level} = SAC step {checkpoint['step']}")
+    returns = np.array([e["rewards"].sum() for e in episodes])
+    description = (
+        f"Local regeneration, D4RL-style {args.level} level, by datasets/make_dataset.py: {', '.join(made_from)} "
+        f"(datasets/behaviour_policy.py), {args.steps} steps per policy with stochastic actions, seeded resets "
+        f"from seed {args.seed}, trailing partial episode dropped. Not a Minari or D4RL download."
+    )
+    dataset = write_dataset(dataset_id, episodes, env_name, ref_min, ref_max, description,
+                            "SAC (datasets/behaviour_policy.py)")  # fmt: skip
+    print(f"{dataset_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps, return "
+          f"{returns.mean():.1f} +- {returns.std():.1f}, in {time.time() - start:.0f} s")  # fmt: skip
+    return dataset
+
+
+if __name__ == "__main__":
+    command = tyro.extras.subcommand_cli_from_dict({"select": Select, "generate": Generate})
+    if isinstance(command, Select):
+        select(command)
+    else:
+        generate(command)

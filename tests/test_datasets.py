@@ -1,0 +1,61 @@
+"""datasets/: the behaviour-policy trainer, level selection and the Minari dataset generator, on tiny budgets."""
+
+import json
+import os
+import subprocess
+import sys
+
+import minari
+import numpy as np
+from conftest import ROOT
+
+sys.path.insert(0, os.path.join(ROOT, "datasets"))
+import make_dataset  # noqa: E402
+
+
+def test_pick_levels_takes_the_best_and_the_snapshot_nearest_a_third_of_it():
+    evaluated = {10: 200.0, 20: 1100.0, 30: 900.0, 40: 3300.0, 50: 3000.0}
+    assert make_dataset.pick_levels(evaluated, 1 / 3) == (40, 20)
+    assert make_dataset.dataset_id_for("Hopper", "medium") == "gac-regenerated/mujoco/hopper/d4rl-medium-v0"
+
+
+def test_train_select_generate_and_load_back(tmp_path, minari_root):
+    def run(script, *args):
+        result = subprocess.run([sys.executable, os.path.join(ROOT, "datasets", script), *args], cwd=tmp_path,
+                                capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 0, result.stderr[-3000:]
+        return result.stdout
+
+    train = ["--env-id", "Hopper", "--learning-starts", "300", "--snapshot-every", "300", "--eval-episodes", "2"]
+    run("behaviour_policy.py", *train, "--total-steps", "900", "--stop-after", "600")
+    run("behaviour_policy.py", *train, "--total-steps", "900", "--resume")  # a run chained in two pieces
+    snapshots = json.load(open(tmp_path / "runs/behaviour/Hopper/snapshots.json"))
+    assert [s["step"] for s in snapshots] == [300, 600, 900]
+
+    policies = tmp_path / "policies"
+    run("make_dataset.py", "select", "--env-id", "Hopper", "--episodes", "2", "--policy-dir", str(policies))
+    table = json.load(open(policies / "policies.json"))
+    assert set(table) == {"Hopper-expert", "Hopper-medium"}
+    assert table["Hopper-expert"]["deterministic_return_mean"] >= table["Hopper-medium"]["deterministic_return_mean"]
+
+    out = run("make_dataset.py", "generate", "--env-id", "Hopper", "--level", "medium-expert", "--steps", "1500",
+              "--num-envs", "3", "--ref-episodes", "2", "--policy-dir", str(policies))  # fmt: skip
+    assert "gac-regenerated/mujoco/hopper/d4rl-medium-expert-v0" in out
+    dataset = minari.load_dataset("gac-regenerated/mujoco/hopper/d4rl-medium-expert-v0")
+    assert 2000 < dataset.total_steps <= 3000  # two policies, each within 1500 steps, partial episodes dropped
+    metadata = dataset.storage.metadata
+    assert np.isfinite(metadata["ref_min_score"]) and np.isfinite(metadata["ref_max_score"])  # random / expert
+    assert "Local regeneration" in metadata["description"]
+    for episode in dataset.iterate_episodes():
+        assert len(episode.observations) == len(episode.actions) + 1
+        assert episode.terminations[-1] or episode.truncations[-1]  # whole episodes only
+        assert not (episode.terminations[:-1] | episode.truncations[:-1]).any()
+    env = dataset.recover_environment(eval_env=True)
+    assert env.spec.id == "Hopper-v5"
+    env.close()
+
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "datasets", "make_dataset.py"), "generate",
+                            "--env-id", "Hopper", "--level", "medium-expert", "--policy-dir", str(policies)],
+                           cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert again.returncode != 0 and "exists" in again.stderr and "Traceback" not in again.stderr
+    assert np.isfinite(table["Hopper-medium"]["deterministic_return_std"])
