@@ -15,6 +15,7 @@ import math
 import os
 import random
 import re
+import shlex
 import signal
 import sys
 import time
@@ -821,6 +822,7 @@ if __name__ == "__main__":
         "online_collection": 0.0,
         "online_training": 0.0,
     }
+    counts = {"updates": 0, "train_tokens": 0.0, "eval_env_steps": 0}  # for the throughput in metrics.json
     run_start = time.time()
 
     seed_everything(args.seed, args.torch_deterministic)
@@ -869,7 +871,17 @@ if __name__ == "__main__":
     posterior_logvar = torch.full((n_offline, *latent_shape), args.posterior_init_logvar, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     iteration, start_round = 0, 0
-    metrics = {"dataset_id": dataset_id, "normalisation": normalisation, "device": str(device), "evaluations": []}
+    machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
+    metrics = {
+        "script": os.path.basename(__file__),
+        "command": "python " + shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
+        "args": asdict(args),
+        "dataset_id": dataset_id,
+        "normalisation": normalisation,
+        "device": str(device),
+        "machine": machine,
+        "evaluations": [],
+    }
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -942,6 +954,12 @@ if __name__ == "__main__":
 
     def write_metrics():
         metrics["timings_s"] = timings | {"total": time.time() - run_start}
+        train_time = max(timings["offline_training"] + timings["online_training"], 1e-9)
+        metrics["throughput"] = {
+            "train_tokens_per_s": counts["train_tokens"] / train_time,
+            "updates_per_s": counts["updates"] / train_time,
+            "eval_env_steps_per_s": counts["eval_env_steps"] / max(timings["evaluation"], 1e-9),
+        }
         with open(os.path.join(run_dir, "metrics.json.tmp"), "w") as f:
             json.dump(metrics, f, indent=2)
         os.replace(os.path.join(run_dir, "metrics.json.tmp"), os.path.join(run_dir, "metrics.json"))
@@ -967,6 +985,7 @@ if __name__ == "__main__":
             autocast=autocast,
             description=f"evaluate ({label})",
         )
+        counts["eval_env_steps"] += int(np.sum(episodes["lengths"]))
         scores = 100 * normalize_returns(np.array(episodes["returns_raw"]), ref_min, ref_max)
         predicted = 100 * torch.stack([plan["predicted_y"] for plan in episodes["plan"]]).cpu().numpy()
         trace, best = traces[0]  # the plans chosen at the first reset of every env
@@ -1003,7 +1022,7 @@ if __name__ == "__main__":
     def train(num_iterations: int, description: str, phase: str, round_index: int):
         global iteration
         start, last_log = time.time(), time.time()
-        tokens = 0.0
+        tokens, all_tokens = 0.0, 0.0
         with progress_bar() as progress:
             task = progress.add_task(description, total=num_iterations, info="")
             for _ in range(num_iterations):
@@ -1020,7 +1039,9 @@ if __name__ == "__main__":
                     autocast,
                 )
                 iteration += 1
-                tokens += losses.pop("charts/tokens")
+                counts["updates"] += 1
+                step_tokens = losses.pop("charts/tokens")
+                tokens, all_tokens = tokens + step_tokens, all_tokens + step_tokens  # tensors: no sync per step
                 if iteration % args.log_every == 0:
                     elapsed = time.time() - last_log
                     for key, value in losses.items():
@@ -1039,6 +1060,7 @@ if __name__ == "__main__":
                         start = time.time()
                     if iteration % args.checkpoint_every == 0:
                         checkpoint_now(round_index)
+        counts["train_tokens"] += float(all_tokens)
         timings[f"{phase}_training"] += time.time() - start
 
     try:

@@ -1,0 +1,230 @@
+#!/usr/bin/env bash
+# The README's results table, reproducible: a grid of (script, dataset, variant, seed) runs, then one collection
+# step that turns their metrics.json files into the table (mean +- std over seeds) and a plot of score by round.
+#
+#   ./benchmark.sh                      # the default grid, seeds 1 2 3, jobs in parallel here, then --collect
+#   ./benchmark.sh --jobs 4 --only maze2d --seeds "1 2"
+#   ./benchmark.sh -- --num-iterations 3000          # flags after -- go to every run
+#   ./benchmark.sh --slurm "--partition gpu --gres gpu:1 --time 01:00:00"   # one array task per run, then collect
+#   ./benchmark.sh --collect            # only collect the runs already under runs/
+#   ./benchmark.sh --speed              # one Hopper run here, then where its time went and its throughput
+#   ./benchmark.sh --dry-run            # print the runs of the grid
+#
+# Variants, side by side on the same data and budget: gac (exploitation by ascent on the plan, dynamic target
+# y+), prior (plans drawn from the prior, no inference: the latent ablation) and fixed-target (exploration
+# towards a fixed y* = 1.0, the reference expert: the exploration ablation).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+OUT=benchmark
+SEEDS="1 2 3"
+JOBS=""
+ONLY=""
+MODE=local
+SLURM_ARGS=""
+EXTRA=()
+while (($#)); do
+  case "$1" in
+    --jobs) JOBS=$2; shift 2 ;;
+    --seeds) SEEDS=$2; shift 2 ;;
+    --only) ONLY=$2; shift 2 ;;
+    --slurm) MODE=slurm; SLURM_ARGS=$2; shift 2 ;;
+    --collect) MODE=collect; shift ;;
+    --speed) MODE=speed; shift ;;
+    --dry-run) MODE=dry; shift ;;
+    --out) OUT=$2; shift 2 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "benchmark.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
+  esac
+done
+mkdir -p "$OUT/logs"
+
+# script | --env-id and data flags (one grid row per dataset)
+GRID=(
+  "gac_continuous.py|--env-id Hopper --dataset d4rl-medium"
+  "gac_maze2d.py|--env-id umaze"
+  "gac_maze2d.py|--env-id medium"
+)
+declare -A VARIANTS=(
+  [gac]=""
+  [prior]="--exploit-steps 0 --num-candidates 1"
+  [fixed-target]="--fixed-target 1.0"
+)
+
+write_jobs() {
+  : >"$OUT/jobs.txt"
+  : >"$OUT/prepare.txt"  # datasets made once, before the runs that share them
+  for row in "${GRID[@]}"; do
+    script=${row%%|*}
+    data=${row#*|}
+    [[ -z "$ONLY" || "$script" == *"$ONLY"* ]] || continue
+    if [[ "$script" == gac_maze2d.py ]]; then
+      maze=$(sed -E 's/.*--env-id ([a-z]+).*/\1/' <<<"$data")
+      steps=$(grep -oE -- '--dataset-steps [0-9]+' <<<"${EXTRA[*]:-}" | awk '{print $2}' || true)
+      echo "python -c \"import gac_maze2d as g; a = g.Args(env_id='$maze', dataset_steps=${steps:-1000000}); g.read_episodes(g.find_or_regenerate(a, g.resolve_dataset_id(a))[0])\"" >>"$OUT/prepare.txt"
+    fi
+    for variant in gac prior fixed-target; do
+      for seed in $SEEDS; do
+        echo "python $script $data --seed $seed --exp-name bench-$variant ${VARIANTS[$variant]} ${EXTRA[*]:-}" \
+          | tr -s ' ' >>"$OUT/jobs.txt"
+      done
+    done
+  done
+}
+
+run_local() {
+  local gpus i=0
+  gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c GPU || true)
+  if [[ -z "$JOBS" ]]; then  # one run per GPU, or per two CPU cores without one
+    if ((gpus > 0)); then JOBS=$gpus; else JOBS=$(($(nproc) / 2 > 0 ? $(nproc) / 2 : 1)); fi
+  fi
+  echo "preparing datasets: $(wc -l <"$OUT/prepare.txt") commands"
+  while IFS= read -r cmd; do bash -c "$cmd" >>"$OUT/logs/prepare.log" 2>&1 & done <"$OUT/prepare.txt"
+  wait
+  echo "$(wc -l <"$OUT/jobs.txt") runs, $JOBS at a time, logs in $OUT/logs"
+  while IFS= read -r cmd; do
+    while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done
+    local device=()
+    ((gpus > 0)) && device=("CUDA_VISIBLE_DEVICES=$((i % gpus))")
+    (env "${device[@]}" bash -c "$cmd" >"$OUT/logs/run_$i.log" 2>&1 || echo "run $i failed (see $OUT/logs/run_$i.log): $cmd" >&2) &
+    i=$((i + 1))
+  done <"$OUT/jobs.txt"
+  wait
+}
+
+run_slurm() {
+  local n
+  n=$(wc -l <"$OUT/jobs.txt")
+  cat >"$OUT/slurm_task.sh" <<EOF
+#!/usr/bin/env bash
+#SBATCH --job-name=gac-benchmark
+#SBATCH --output=$PWD/$OUT/logs/slurm_%A_%a.log
+cd "$PWD"
+exec bash -c "\$(sed -n "\$((SLURM_ARRAY_TASK_ID + 1))p" "$OUT/jobs.txt")"
+EOF
+  # shellcheck disable=SC2086
+  prepare=$(sbatch --parsable --job-name=gac-prepare --output="$OUT/logs/prepare_%j.log" $SLURM_ARGS \
+    --wrap "cd '$PWD' && bash '$OUT/prepare.txt'")
+  # shellcheck disable=SC2086
+  array=$(sbatch --parsable --dependency=afterok:"$prepare" --array=0-$((n - 1)) $SLURM_ARGS "$OUT/slurm_task.sh")
+  # shellcheck disable=SC2086
+  sbatch --parsable --dependency=afterany:"$array" --job-name=gac-collect --output="$OUT/logs/collect_%j.log" \
+    $SLURM_ARGS --wrap "cd '$PWD' && ./benchmark.sh --collect --out '$OUT'"
+  echo "submitted $n runs as array $array; the collection runs when they have all ended"
+}
+
+collect() {
+  python - "$OUT" <<'EOF'
+"""Collect runs/*/metrics.json of benchmark runs into a markdown table, the README block and a plot."""
+import glob
+import json
+import os
+import re
+import sys
+from collections import defaultdict
+
+import numpy as np
+
+out = sys.argv[1]
+groups = defaultdict(list)
+for path in sorted(glob.glob("runs/*/metrics.json")):
+    with open(path) as f:
+        metrics = json.load(f)
+    args = metrics.get("args", {})
+    if not str(args.get("exp_name", "")).startswith("bench-") or "offline" not in metrics:
+        continue
+    key = (metrics["script"], metrics["dataset_id"], args["exp_name"].removeprefix("bench-"))
+    groups[key].append(metrics)
+if not groups:
+    sys.exit("benchmark.sh: error: no finished benchmark runs under runs/ (run ./benchmark.sh first)")
+
+
+def mean_std(values):
+    values = np.array(values, dtype=float)
+    return f"{values.mean():.1f} +- {values.std():.1f}" if len(values) else "-"
+
+
+lines = [
+    "| script | dataset | variant | seeds | offline score | after online rounds | wall time per run | machine |",
+    "|---|---|---|---|---|---|---|---|",
+]
+commands = []
+rounds_by_key = {}
+for (script, dataset, variant), runs in sorted(groups.items()):
+    seeds = sorted(run["args"]["seed"] for run in runs)
+    offline = [run["offline"]["score_mean"] for run in runs]
+    online = [run["online"][-1]["score_mean"] for run in runs if run.get("online")]
+    wall = [run["timings_s"]["total"] for run in runs]
+    machines = sorted({run.get("machine", run["device"]) for run in runs})
+    n_rounds = min((len(run.get("online", [])) for run in runs), default=0)
+    rounds_by_key[(script, dataset, variant)] = np.array(
+        [[run["offline"]["score_mean"]] + [r["score_mean"] for r in run["online"][:n_rounds]] for run in runs]
+    )
+    after = f"{mean_std(online)} ({n_rounds} rounds)" if online else "-"
+    lines.append(f"| {script} | {dataset} | {variant} | {' '.join(map(str, seeds))} | {mean_std(offline)} "
+                 f"| {after} | {np.mean(wall):.0f} s | {', '.join(machines)} |")
+    command = re.sub(r"--seed \d+", "--seed <seed>", runs[0].get("command", ""))
+    commands.append(f"- {script}, {dataset}, {variant}: `{command}`")
+table = "\n".join(lines) + "\n\nCommands (each seed of the row):\n\n" + "\n".join(commands) + "\n"
+with open(os.path.join(out, "results.md"), "w") as f:
+    f.write(table)
+print(table)
+
+start, end = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+readme = open("README.md").read()
+if start in readme and end in readme:
+    before, rest = readme.split(start, 1)
+    after = rest.split(end, 1)[1]
+    with open("README.md", "w") as f:
+        f.write(f"{before}{start}\n{table}{end}{after}")
+    print("README.md: results table updated")
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+datasets = sorted({key[1] for key in rounds_by_key})
+figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.5), squeeze=False)
+for axis, dataset in zip(axes[0], datasets):
+    for (script, d, variant), scores in sorted(rounds_by_key.items()):
+        if d != dataset:
+            continue
+        rounds = np.arange(scores.shape[1])
+        axis.plot(rounds, scores.mean(0), marker="o", label=variant)
+        axis.fill_between(rounds, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), alpha=0.2)
+    axis.set_title(dataset, fontsize=9)
+    axis.set_xlabel("online round (0 = offline)")
+    axis.set_ylabel("normalised score")
+    axis.legend(fontsize=8)
+figure.tight_layout()
+figure.savefig(os.path.join(out, "score_by_round.png"), dpi=120)
+print(f"plot: {os.path.join(out, 'score_by_round.png')}")
+EOF
+}
+
+speed() {
+  local cmd="python gac_continuous.py --env-id Hopper --dataset d4rl-medium --exp-name bench-speed ${EXTRA[*]:-}"
+  echo "$cmd"
+  bash -c "$cmd" >"$OUT/logs/speed.log" 2>&1 || { tail -n 5 "$OUT/logs/speed.log"; exit 1; }
+  python - <<'EOF'
+import glob, json, os
+path = max(glob.glob("runs/*__bench-speed__*/metrics.json"), key=os.path.getmtime)
+m = json.load(open(path))
+t, s = m["timings_s"], m["throughput"]
+print(f"{path} on {m.get('machine', m['device'])}")
+print(f"whole run {t['total']:.0f} s: " + ", ".join(f"{k} {v:.0f} s ({100 * v / t['total']:.0f} %)"
+      for k, v in sorted(t.items(), key=lambda kv: -kv[1]) if k != "total"))
+print(f"training: {s['train_tokens_per_s'] / 1e6:.2f} M trajectory tokens/s, {s['updates_per_s']:.1f} updates/s")
+print(f"evaluation: {s['eval_env_steps_per_s']:.0f} environment steps/s with the model acting (planning included)")
+EOF
+}
+
+case "$MODE" in
+  dry) write_jobs; cat "$OUT/prepare.txt" "$OUT/jobs.txt" ;;
+  local) write_jobs; run_local; collect ;;
+  slurm) write_jobs; run_slurm ;;
+  collect) collect ;;
+  speed) speed ;;
+esac
