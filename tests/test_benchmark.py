@@ -1,0 +1,54 @@
+"""benchmark.sh: the grid it writes and the collection step, on fabricated metrics.json files."""
+
+import json
+import os
+import shutil
+import subprocess
+
+from conftest import ROOT
+
+
+def test_dry_run_lists_every_script_dataset_variant_and_seed():
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmark.sh"), "--dry-run", "--out", "/tmp/gac_bench_dry"],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    runs = [line for line in result.stdout.splitlines() if line.startswith("python gac_")]
+    assert len(runs) == 3 * 3 * 3  # (Hopper, umaze, medium) x (gac, prior, fixed-target) x seeds 1 2 3
+    assert sum("--exploit-steps 0 --num-candidates 1" in r for r in runs) == 9
+    assert sum("--fixed-target 1.0" in r for r in runs) == 9
+    assert sum("find_or_regenerate" in line for line in result.stdout.splitlines()) == 2  # umaze, medium once
+
+
+def fake_run(root, name, variant, seed, offline, online, script="gac_maze2d.py", dataset="gac-regenerated/x-v2"):
+    run_dir = root / "runs" / name
+    run_dir.mkdir(parents=True)
+    metrics = {
+        "script": script, "dataset_id": dataset, "device": "cuda", "machine": "NVIDIA H100",
+        "command": f"python {script} --env-id umaze --seed {seed} --exp-name bench-{variant}",
+        "args": {"exp_name": f"bench-{variant}", "seed": seed},
+        "offline": {"score_mean": offline}, "online": [{"score_mean": s} for s in online],
+        "timings_s": {"total": 100.0 * seed},
+    }  # fmt: skip
+    (run_dir / "metrics.json").write_text(json.dumps(metrics))
+
+
+def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
+    shutil.copy(os.path.join(ROOT, "benchmark.sh"), tmp_path)
+    fake_run(tmp_path, "a", "gac", 1, 40.0, [50.0, 60.0])
+    fake_run(tmp_path, "b", "gac", 2, 60.0, [70.0, 80.0])
+    fake_run(tmp_path, "c", "prior", 1, 10.0, [20.0, 30.0])
+    fake_run(tmp_path, "d", "gac_maze2d", 1, 99.0, [99.0, 99.0])  # exp-name "bench-gac_maze2d": another variant
+    (tmp_path / "runs" / "e").mkdir()
+    (tmp_path / "runs" / "e" / "metrics.json").write_text(json.dumps({"args": {"exp_name": "gac_maze2d"}}))
+    (tmp_path / "README.md").write_text("intro\n<!-- benchmark:start -->\nold\n<!-- benchmark:end -->\nrest\n")
+    result = subprocess.run(["bash", str(tmp_path / "benchmark.sh"), "--collect"], cwd=tmp_path,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    readme = (tmp_path / "README.md").read_text()
+    assert readme.startswith("intro\n<!-- benchmark:start -->\n") and readme.endswith("<!-- benchmark:end -->\nrest\n")
+    assert "old" not in readme
+    gac_row = next(line for line in readme.splitlines() if "| gac |" in line)
+    assert "| 1 2 |" in gac_row and "| 50.0 +- 10.0 |" in gac_row and "| 70.0 +- 10.0 (2 rounds) |" in gac_row
+    assert "| 150 s |" in gac_row and "NVIDIA H100" in gac_row
+    assert "--seed <seed> --exp-name bench-gac`" in readme
+    assert readme.count("| gac_maze2d.py |") == 3  # gac, prior, gac_maze2d; the non-benchmark run is left out
+    assert (tmp_path / "benchmark" / "score_by_round.png").stat().st_size > 0
