@@ -8,6 +8,7 @@
 #   ./benchmark.sh --slurm "--partition gpu --gres gpu:1 --time 01:00:00"   # one array task per run, then collect
 #   ./benchmark.sh --collect            # only collect the runs already under runs/
 #   ./benchmark.sh --speed              # one Hopper run here, then where its time went and its throughput
+#   ./benchmark.sh --micro              # the hot paths alone on synthetic Hopper-size data (no dataset needed)
 #   ./benchmark.sh --dry-run            # print the runs of the grid
 #
 # Variants, side by side on the same data and budget: gac (exploitation by ascent on the plan, dynamic target
@@ -31,10 +32,11 @@ while (($#)); do
     --slurm) MODE=slurm; SLURM_ARGS=$2; shift 2 ;;
     --collect) MODE=collect; shift ;;
     --speed) MODE=speed; shift ;;
+    --micro) MODE=micro; shift ;;
     --dry-run) MODE=dry; shift ;;
     --out) OUT=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h | --help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "benchmark.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -221,10 +223,117 @@ print(f"evaluation: {s['eval_env_steps_per_s']:.0f} environment steps/s with the
 EOF
 }
 
+micro() {
+  python - <<'EOF'
+"""gac_continuous.py's hot paths at Hopper size, on synthetic data (no environment, no dataset)."""
+import os
+import sys
+import time
+
+import torch
+sys.path.insert(0, os.getcwd())
+import gac_continuous as g
+
+small = os.environ.get("SMALL") == "1"
+device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+N, T = (40, 96) if small else (2000, 1000)
+reps = 3 if small else 30
+obs_dim, act_dim = 11, 3
+print(device, torch.cuda.get_device_name() if device.type == "cuda" else "", torch.__version__, flush=True)
+
+
+def autocast():
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
+def setup(**overrides):
+    args = g.Args(**overrides)
+    padded = ((T + args.context_len - 1) // args.context_len) * args.context_len
+    torch.manual_seed(0)
+    model = g.GAC(obs_dim, act_dim, args, padded).to(device)
+    states = torch.randn(N, padded, obs_dim, device=device)
+    actions = torch.rand(N, padded, act_dim, device=device) * 2 - 1
+    lengths = torch.randint(T // 3, T + 1, (N,), device=device)
+    buffer = g.TrajectoryBuffer(states, actions, lengths, lengths.double(), torch.rand(N, device=device))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
+    mu = torch.zeros(N, args.n_latent, args.d_model, device=device)
+    logvar = torch.full_like(mu, -5.0)
+    gen = torch.Generator(device=device).manual_seed(0)
+    return args, model, buffer, opt, sched, mu, logvar, gen
+
+
+def train_speed(label, compile_model=False, **overrides):
+    args, model, buffer, opt, sched, mu, logvar, gen = setup(**overrides)
+    if compile_model:
+        model.generator = torch.compile(model.generator)
+        model.prior = torch.compile(model.prior)
+    def step():
+        return g.train_iteration(model, opt, sched, buffer, N, mu, logvar, args, gen, autocast)
+    t0 = time.time()
+    for _ in range(3):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    warm = time.time() - t0
+    tokens = 0.0
+    t0 = time.time()
+    for _ in range(reps):
+        tokens = tokens + step()["charts/tokens"]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    dt = time.time() - t0
+    print(f"train {label}: {reps / dt:.1f} updates/s, {float(tokens) / dt / 1e6:.2f} M trajectory tokens/s "
+          f"(warm-up {warm:.0f} s)", flush=True)
+
+
+def act_speed(num_envs=50):
+    args, model, *_ = setup()
+    model.eval()
+    K = args.context_len
+    z0 = torch.randn(num_envs, args.n_latent, args.d_model, device=device)
+    s0 = torch.randn(num_envs, obs_dim, device=device)
+    with torch.no_grad():
+        plan = model.plan(z0, s0)[1]
+    bs = torch.randn(num_envs, K, obs_dim, device=device)
+    ba = torch.zeros(num_envs, K, act_dim, device=device)
+    ts = torch.arange(K, device=device).expand(num_envs, K)
+    slot = torch.full((num_envs,), 5, device=device)
+    for _ in range(5):
+        g.act(model, bs, ba, ts, plan, slot, autocast).cpu()
+    t0 = time.time()
+    n = 20 if small else 500
+    for _ in range(n):
+        g.act(model, bs, ba, ts, plan, slot, autocast).cpu()
+    dt = (time.time() - t0) / n
+    print(f"act {num_envs} envs: {1000 * dt:.2f} ms per call -> {num_envs / dt:.0f} model steps/s", flush=True)
+    t0 = time.time()
+    g.exploit_plans(model, s0, args, autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.time()
+    g.exploit_plans(model, s0, args, autocast)
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    print(f"exploit_plans {num_envs} states x 16 candidates x 50 steps: {time.time() - t0:.2f} s", flush=True)
+
+
+act_speed()
+train_speed("default (batch 64, 3 inner steps, bf16)")
+train_speed("no inner steps", inner_steps=0)
+train_speed("batch 256", batch_size=256)
+if os.environ.get("COMPILE", "1") == "1":
+    train_speed("torch.compile", compile_model=True)
+EOF
+}
+
 case "$MODE" in
   dry) write_jobs; cat "$OUT/prepare.txt" "$OUT/jobs.txt" ;;
   local) write_jobs; run_local; collect ;;
   slurm) write_jobs; run_slurm ;;
   collect) collect ;;
   speed) speed ;;
+  micro) micro ;;
 esac

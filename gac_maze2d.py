@@ -150,6 +150,8 @@ class Args:
     """Adam learning rate of that fit"""
     num_envs: int = 10
     """environments stepped together (evaluation and collection)"""
+    async_envs: bool = False
+    """step the environments in subprocesses (AsyncVectorEnv): worth it with many environments and free cores"""
     checkpoint_every: int = 1000
     """with --save-model: write the checkpoint every this many offline iterations"""
     log_every: int = 100
@@ -1283,7 +1285,8 @@ if __name__ == "__main__":
             },
         )
 
-    envs = gym.vector.SyncVectorEnv(
+    vector_env = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
+    envs = vector_env(
         [make_env(env_spec) for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
     )
 

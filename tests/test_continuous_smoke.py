@@ -55,13 +55,15 @@ def test_end_to_end_offline_evaluation_and_one_online_round(minari_root, tmp_pat
     assert os.path.exists(os.path.join(run_dir, "inference_dynamics_20.png"))
 
 
-def test_same_seed_same_losses(minari_root, tmp_path):
+def test_same_seed_same_losses_and_episodes_with_sync_or_async_envs(minari_root, tmp_path):
     flags = TINY_FLAGS + ["--online-rounds", "0", "--seed", "3"]
-    for name in ["a", "b"]:
-        run(flags + ["--exp-name", name], cwd=tmp_path)
-    dirs = sorted(os.listdir(tmp_path / "runs"))
-    first, second = (scalars(os.path.join(tmp_path, "runs", d), "losses/elbo") for d in dirs)
+    run(flags + ["--exp-name", "a"], cwd=tmp_path)
+    run(flags + ["--exp-name", "b", "--async-envs"], cwd=tmp_path)
+    dirs = [os.path.join(tmp_path, "runs", d) for d in sorted(os.listdir(tmp_path / "runs"))]
+    first, second = (scalars(d, "losses/elbo") for d in dirs)
     assert len(first) == 4 and first == second
+    scores = [scalars(d, "eval/return") for d in dirs]
+    assert len(scores[0]) == 2 and scores[0] == scores[1]
     other = tmp_path / "other"
     other.mkdir()
     run(TINY_FLAGS + ["--online-rounds", "0", "--seed", "4"], cwd=other)
