@@ -1349,8 +1349,8 @@ if __name__ == "__main__":
         figure.savefig(os.path.join(run_dir, f"inference_dynamics_{iteration}.png"))
         writer.add_figure("eval/inference_dynamics", figure, iteration)
         metrics["evaluations"].append(result)
-        write_metrics()
         timings["evaluation"] += time.time() - start
+        write_metrics()
         print(
             f"[{label}] iteration {iteration}: normalised score {result['score_mean']:.1f} +- "
             f"{result['score_std']:.1f} (predicted {result['predicted_score_mean']:.1f})"
@@ -1393,11 +1393,12 @@ if __name__ == "__main__":
 
     def train(num_iterations: int, description: str, phase: str, round_index: int):
         global iteration
-        start, last_log = time.time(), time.time()
-        tokens, all_tokens = 0.0, 0.0
+        last_log = time.time()
+        tokens = 0.0  # a tensor once training runs: summed on the device, read when logged
         with progress_bar() as progress:
             task = progress.add_task(description, total=num_iterations, info="")
             for _ in range(num_iterations):
+                start = time.time()
                 losses = train_iteration(
                     model,
                     optimizer,
@@ -1412,10 +1413,11 @@ if __name__ == "__main__":
                 )
                 iteration += 1
                 counts["updates"] += 1
-                step_tokens = losses.pop("charts/tokens")
-                tokens, all_tokens = tokens + step_tokens, all_tokens + step_tokens  # tensors: no sync per step
+                tokens = tokens + losses.pop("charts/tokens")
+                timings[f"{phase}_training"] += time.time() - start  # the time of updates alone, kept on a kill
                 if iteration % args.log_every == 0:
                     elapsed = time.time() - last_log
+                    counts["train_tokens"] += float(tokens)
                     for key, value in losses.items():
                         writer.add_scalar(key, float(value), iteration)
                     writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], iteration)
@@ -1427,13 +1429,10 @@ if __name__ == "__main__":
                 progress.advance(task)
                 if phase == "offline":
                     if iteration % args.eval_every == 0 and iteration < args.num_iterations:
-                        timings["offline_training"] += time.time() - start
                         evaluate("offline", args.eval_episodes)
-                        start = time.time()
                     if iteration % args.checkpoint_every == 0:
                         checkpoint_now(round_index)
-        counts["train_tokens"] += float(all_tokens)
-        timings[f"{phase}_training"] += time.time() - start
+        counts["train_tokens"] += float(tokens)  # since the last log
 
     try:
         # ---- offline: maximise the ELBO on the dataset ----

@@ -1,5 +1,6 @@
 """gac_continuous.py end to end, in a subprocess, on a tiny Minari dataset made by the test fixture."""
 
+import glob
 import json
 import os
 import signal
@@ -114,3 +115,21 @@ def test_a_missing_minari_dataset_points_at_the_local_regeneration(minari_root, 
     result = run(["--dataset", "medium"], cwd=tmp_path, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().endswith("is there: --dataset d4rl-medium."), result.stderr
+
+
+def test_a_terminated_run_still_writes_its_metrics(minari_root, tmp_path):
+    flags = TINY_FLAGS + ["--num-iterations", "100000", "--eval-every", "100000", "--log-every", "2"]
+    process = subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while True:  # until the training loop has logged losses
+        assert time.time() < deadline and process.poll() is None, "training did not start"
+        events = glob.glob(str(tmp_path / "runs" / "*" / "events.out.tfevents.*"))
+        if events and os.path.getsize(events[0]) > 3000:
+            break
+        time.sleep(0.1)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=60) == 128 + signal.SIGTERM
+    metrics = json.load(open(os.path.join(only_run_dir(tmp_path), "metrics.json")))
+    assert metrics["timings_s"]["offline_training"] > 0 and metrics["throughput"]["updates_per_s"] > 0
+    assert metrics["args"]["num_iterations"] == 100000 and metrics["command"].startswith("python gac_continuous.py")
