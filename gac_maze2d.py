@@ -990,13 +990,14 @@ def route_index(routes: list[tuple]) -> str:
 def analyse_episodes(states: list[np.ndarray], maze, goal_cell: tuple, training_routes: str) -> dict:
     """Per evaluation episode (raw states [T, 6]): start cell, success (the goal radius reached), path efficiency
     (BFS cell moves from start to goal cell / cell moves the agent made until it first arrived; 0 if it never did),
-    and whether its route until arrival occurs in no training trajectory.
+    whether its route until arrival occurs in no training trajectory, the step of the first arrival, and the share
+    of the steps from then on spent within the goal radius (the evaluation rewards staying; the data never show it).
 
     The agent's moves count a corner cut between diagonal cells as the two moves it stands for, plus the BFS
     moves left when it arrives from a neighbouring cell (the goal radius reaches over the cell border), so the
     efficiency is at most 1."""
     tree = shortest_path_tree(maze.maze_map, goal_cell)
-    result = {"start_cell": [], "success": [], "efficiency": [], "novel_route": []}
+    result = {"start_cell": [], "success": [], "efficiency": [], "novel_route": [], "arrival_step": [], "hold": []}
     for episode in states:
         distance = np.linalg.norm(episode[:, :2] - episode[:, 4:6], axis=1)
         arrived = np.flatnonzero(distance <= GOAL_RADIUS)
@@ -1009,6 +1010,8 @@ def analyse_episodes(states: list[np.ndarray], maze, goal_cell: tuple, training_
         result["success"].append(bool(len(arrived)))
         result["efficiency"].append(efficiency)
         result["novel_route"].append(bool(len(arrived)) and moves > 0 and route_key(route) not in training_routes)
+        result["arrival_step"].append(int(arrived[0]) if len(arrived) else None)
+        result["hold"].append(float(np.mean(distance[arrived[0] :] <= GOAL_RADIUS)) if len(arrived) else None)
     return result
 
 
@@ -1369,6 +1372,8 @@ if __name__ == "__main__":
                 np.mean([e for e, ok in zip(found["efficiency"], found["success"], strict=True) if ok] or [0.0])
             ),
             "novel_route_share": float(np.mean(found["novel_route"])),
+            "arrival_step": float(np.mean([a for a in found["arrival_step"] if a is not None] or [np.nan])),
+            "hold_fraction": float(np.mean([h for h in found["hold"] if h is not None] or [np.nan])),
             "episodes": len(scores),
         }
         for key, value in result.items():
@@ -1387,7 +1392,8 @@ if __name__ == "__main__":
         figure.savefig(os.path.join(run_dir, f"plan_map_{name}.png"))
         writer.add_figure("analysis/plan_map", figure, iteration)
         print(f"[{label}] success {result['success_rate']:.2f}, path efficiency {result['path_efficiency']:.2f}, "
-              f"novel routes {result['novel_route_share']:.2f} over {result['episodes']} episodes")  # fmt: skip
+              f"novel routes {result['novel_route_share']:.2f}, first arrival at step {result['arrival_step']:.0f}, "
+              f"then at the goal {result['hold_fraction']:.2f} of the time, {result['episodes']} episodes")  # fmt: skip
         metrics.setdefault("analysis", {})[label] = result
         return result
 

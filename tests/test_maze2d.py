@@ -133,6 +133,8 @@ def test_path_efficiency_and_novel_routes():
     assert found["success"] == [True, True, False]
     assert found["efficiency"] == [1.0, 0.5, 0.0]  # 2 cells / 2 moves, 2 cells / 4 moves, never arrived
     assert found["novel_route"] == [False, True, False]  # (1,3)(1,2)(1,1) is a piece of the training route
+    assert found["arrival_step"] == [6, 12, None]  # each cell is held 3 steps; the goal's are the last 3
+    assert found["hold"] == [1.0, 1.0, None]
     assert gac.route_key(((1, 2), (1, 3))) not in gac.route_index([((11, 2), (1, 3))])
     # a corner cut (2,3) -> (1,2) is two moves; arriving from the next cell leaves the BFS moves to the goal cell
     corner = episode([(2, 3), (1, 2)])
