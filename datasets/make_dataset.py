@@ -157,6 +157,8 @@ def select(args: Select):
         fail(f"no {table_path}: train first with python datasets/behaviour_policy.py --env-id {args.env_id}")
     with open(table_path) as f:
         snapshots = {s["step"]: s for s in json.load(f)}
+    for snapshot in snapshots.values():  # found next to snapshots.json, wherever the trainer ran from
+        snapshot["path"] = os.path.join(os.path.dirname(table_path), "snapshots", os.path.basename(snapshot["path"]))
     quick = {step: s["return_mean"] for step, s in snapshots.items()}
     best = sorted(quick, key=quick.get, reverse=True)[: args.candidates // 2]
     near = sorted(quick, key=lambda s: abs(quick[s] - args.medium_fraction * quick[best[0]]))[: args.candidates // 2]
