@@ -13,6 +13,7 @@ policy (deterministic), 100 episodes each on the evaluation environment.
 """
 
 import json
+import multiprocessing
 import os
 import sys
 import time
@@ -63,7 +64,7 @@ def pick_levels(evaluated: dict[int, float], fraction: float) -> tuple[int, int]
     return expert, medium
 
 
-def collect_episodes(policy, env_name: str, steps: int, num_envs: int, seed: int) -> list[dict]:
+def collect_episodes(policy, env_name: str, steps: int, num_envs: int, seed: int, show: bool = True) -> list[dict]:
     """Whole episodes of `policy(obs) -> actions` on vectorised envs (SAME_STEP autoreset, so the final
     observation of an episode comes in info["final_obs"]), kept in the order they finish while the total stays
     within `steps`: the trailing partial episode is dropped, as in Minari's recipe."""
@@ -78,7 +79,7 @@ def collect_episodes(policy, env_name: str, steps: int, num_envs: int, seed: int
         TimeRemainingColumn(),
     )  # fmt: skip
     with progress:
-        task = progress.add_task(f"rolling out {env_name}", total=steps)
+        task = progress.add_task(f"rolling out {env_name}", total=steps, visible=show)
         while True:
             actions = policy(obs.astype(np.float32))
             obs, rewards, terminated, truncated, info = envs.step(actions)
@@ -100,6 +101,15 @@ def collect_episodes(policy, env_name: str, steps: int, num_envs: int, seed: int
                                   "truncations": []}  # fmt: skip
                 else:
                     episode["observations"].append(obs[i])
+
+
+def collect_chunk(task: tuple) -> list[dict]:
+    """One worker's share of a rollout: its own policy copy, seed and environments."""
+    path, env_name, steps, num_envs, seed = task
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    actor, _ = load_actor(path)
+    return collect_episodes(lambda o: actor.act(o, False), env_name, steps, num_envs, seed, show=False)
 
 
 def write_dataset(dataset_id: str, episodes: list[dict], env_name: str, ref_min: float, ref_max: float,
@@ -141,6 +151,9 @@ class Generate:
     steps: int = 1_000_000
     """transitions per policy (medium-expert: twice this)"""
     num_envs: int = 10
+    """environments per worker"""
+    workers: int = 1
+    """processes that roll out a share of the steps each (seeds seed + 1000 k), each dropping its partial episode"""
     seed: int = 0
     ref_episodes: int = 100
     """episodes of the random and the expert policy for the reference scores"""
@@ -188,6 +201,8 @@ def select(args: Select):
 def generate(args: Generate):
     if args.env_id not in ENVS:
         fail(f"unknown --env-id {args.env_id!r}; valid: {', '.join(ENVS)}")
+    if args.workers < 1:
+        fail(f"--workers must be at least 1, got {args.workers}")
     if args.level not in LEVELS:
         fail(f"unknown --level {args.level!r}; valid: {', '.join(LEVELS)}")
     env_name = ENVS[args.env_id]
@@ -211,15 +226,25 @@ def generate(args: Generate):
     torch.manual_seed(args.seed)
     episodes, made_from = [], []
     for i, level in enumerate(levels):
-        actor, checkpoint = load_actor(policy_path(args.env_id, level, args.policy_dir))
-        episodes += collect_episodes(lambda o, a=actor: a.act(o, False), env_name, args.steps, args.num_envs,
-                                     seed=args.seed + 10_000 * i)  # fmt: skip
+        path = policy_path(args.env_id, level, args.policy_dir)
+        actor, checkpoint = load_actor(path)
         made_from.append(f"{level} = SAC step {checkpoint['step']}")
+        seed = args.seed + 100_000 * i
+        if args.workers == 1:
+            episodes += collect_episodes(lambda o, a=actor: a.act(o, False), env_name, args.steps, args.num_envs, seed)
+            continue
+        shares = [args.steps // args.workers + (k < args.steps % args.workers) for k in range(args.workers)]
+        tasks = [(path, env_name, share, args.num_envs, seed + 1000 * k) for k, share in enumerate(shares)]
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
+            print(f"rolling out {level} in {args.workers} processes")
+            for chunk in pool.map(collect_chunk, tasks):
+                episodes += chunk
     returns = np.array([e["rewards"].sum() for e in episodes])
     description = (
         f"Local regeneration, D4RL-style {args.level} level, by datasets/make_dataset.py: {', '.join(made_from)} "
         f"(datasets/behaviour_policy.py), {args.steps} steps per policy with stochastic actions, seeded resets "
-        f"from seed {args.seed}, trailing partial episode dropped. Not a Minari or D4RL download."
+        f"from seed {args.seed} in {args.workers} worker(s), trailing partial episodes dropped. Not a Minari or D4RL "
+        "download."
     )
     dataset = write_dataset(dataset_id, episodes, env_name, ref_min, ref_max, description,
                             "SAC (datasets/behaviour_policy.py)")  # fmt: skip

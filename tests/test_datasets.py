@@ -39,7 +39,7 @@ def test_train_select_generate_and_load_back(tmp_path, minari_root):
     assert table["Hopper-expert"]["deterministic_return_mean"] >= table["Hopper-medium"]["deterministic_return_mean"]
 
     out = run("make_dataset.py", "generate", "--env-id", "Hopper", "--level", "medium-expert", "--steps", "1500",
-              "--num-envs", "3", "--ref-episodes", "2", "--policy-dir", str(policies))  # fmt: skip
+              "--num-envs", "3", "--workers", "2", "--ref-episodes", "2", "--policy-dir", str(policies))  # fmt: skip
     assert "gac-regenerated/mujoco/hopper/d4rl-medium-expert-v0" in out
     dataset = minari.load_dataset("gac-regenerated/mujoco/hopper/d4rl-medium-expert-v0")
     assert 2000 < dataset.total_steps <= 3000  # two policies, each within 1500 steps, partial episodes dropped
