@@ -10,6 +10,7 @@
 #   ./benchmark.sh --speed              # one Hopper run here, then where its time went and its throughput
 #   ./benchmark.sh --micro              # the hot paths alone on synthetic Hopper-size data (no dataset needed)
 #   ./benchmark.sh --dry-run            # print the runs of the grid
+#   ./benchmark.sh --deadline 540 ...   # stop every run 540 s after the start (SIGTERM; metrics.json is kept)
 #
 # Variants, side by side on the same data and budget: gac (exploitation by ascent on the plan, dynamic target
 # y+), prior (plans drawn from the prior, no inference: the latent ablation) and fixed-target (exploration
@@ -21,6 +22,7 @@ OUT=benchmark
 SEEDS="1 2 3"
 JOBS=""
 ONLY=""
+DEADLINE=""
 MODE=local
 SLURM_ARGS=""
 EXTRA=()
@@ -35,8 +37,9 @@ while (($#)); do
     --micro) MODE=micro; shift ;;
     --dry-run) MODE=dry; shift ;;
     --out) OUT=$2; shift 2 ;;
+    --deadline) DEADLINE=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "benchmark.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -65,6 +68,11 @@ write_jobs() {
       maze=$(sed -E 's/.*--env-id ([a-z]+).*/\1/' <<<"$data")
       steps=$(grep -oE -- '--dataset-steps [0-9]+' <<<"${EXTRA[*]:-}" | awk '{print $2}' || true)
       echo "python -c \"import gac_maze2d as g; a = g.Args(env_id='$maze', dataset_steps=${steps:-1000000}); g.read_episodes(g.find_or_regenerate(a, g.resolve_dataset_id(a))[0])\"" >>"$OUT/prepare.txt"
+    elif [[ "$data" =~ --env-id\ ([A-Za-z0-9]+)\ --dataset\ d4rl-([a-z-]+) ]]; then
+      env=${BASH_REMATCH[1]}
+      level=${BASH_REMATCH[2]}
+      local id="gac-regenerated/mujoco/${env,,}/d4rl-$level-v0"
+      echo "[ -d \"\${MINARI_DATASETS_PATH:-\$HOME/.minari/datasets}/$id/data\" ] || python datasets/make_dataset.py generate --env-id $env --level $level --workers \$(nproc)" >>"$OUT/prepare.txt"
     fi
     for variant in gac prior fixed-target; do
       for seed in $SEEDS; do
@@ -87,9 +95,14 @@ run_local() {
   echo "$(wc -l <"$OUT/jobs.txt") runs, $JOBS at a time, logs in $OUT/logs"
   while IFS= read -r cmd; do
     while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done
-    local device=()
+    local device=() limit=()
     ((gpus > 0)) && device=("CUDA_VISIBLE_DEVICES=$((i % gpus))")
-    (env "${device[@]}" bash -c "$cmd" >"$OUT/logs/run_$i.log" 2>&1 || echo "run $i failed (see $OUT/logs/run_$i.log): $cmd" >&2) &
+    if [[ -n "$DEADLINE" ]]; then  # SIGTERM at the deadline: the run still writes its metrics.json
+      local left=$((DEADLINE - SECONDS))
+      ((left > 0)) || { echo "deadline reached: run $i and later not started" >&2; break; }
+      limit=(timeout "$left")
+    fi
+    (env "${device[@]}" "${limit[@]}" bash -c "$cmd" >"$OUT/logs/run_$i.log" 2>&1 || echo "run $i ended early or failed (see $OUT/logs/run_$i.log): $cmd" >&2) &
     i=$((i + 1))
   done <"$OUT/jobs.txt"
   wait

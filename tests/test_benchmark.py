@@ -16,6 +16,7 @@ def test_dry_run_lists_every_script_dataset_variant_and_seed():
     assert sum("--exploit-steps 0 --num-candidates 1" in r for r in runs) == 9
     assert sum("--fixed-target 1.0" in r for r in runs) == 9
     assert sum("find_or_regenerate" in line for line in result.stdout.splitlines()) == 2  # umaze, medium once
+    assert "python datasets/make_dataset.py generate --env-id Hopper --level medium --workers" in result.stdout
 
 
 def fake_run(root, name, variant, seed, offline, online, script="gac_maze2d.py", dataset="gac-regenerated/x-v2"):
