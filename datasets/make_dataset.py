@@ -185,11 +185,16 @@ def select(args: Select):
     os.makedirs(args.policy_dir, exist_ok=True)
     table = read_policy_table(args.policy_dir)
     last_step = max(snapshots)
+    run_file = os.path.join(os.path.dirname(table_path), "run.json")
+    total_steps = json.load(open(run_file))["args"]["total_steps"] if os.path.exists(run_file) else last_step
+    if last_step < total_steps:
+        print(f"*** the SAC run is at step {last_step} of {total_steps}: this expert is provisional, and so is the "
+              "medium level (a third of its return); select again when the run has finished ***")  # fmt: skip
     for level, step in [("expert", expert), ("medium", medium)]:
         actor, checkpoint = load_actor(snapshots[step]["path"])
         torch.save(checkpoint, policy_path(args.env_id, level, args.policy_dir))
         table[f"{args.env_id}-{level}"] = {
-            "env": ENVS[args.env_id], "sac_step": step, "run_last_step": last_step,
+            "env": ENVS[args.env_id], "sac_step": step, "run_last_step": last_step, "run_total_steps": total_steps,
             "deterministic_return_mean": evaluated[step], "deterministic_return_std": spread[step],
             "episodes": args.episodes,
         }  # fmt: skip

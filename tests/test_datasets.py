@@ -36,6 +36,7 @@ def test_train_select_generate_and_load_back(tmp_path, minari_root):
     run("make_dataset.py", "select", "--env-id", "Hopper", "--episodes", "2", "--policy-dir", str(policies))
     table = json.load(open(policies / "policies.json"))
     assert set(table) == {"Hopper-expert", "Hopper-medium"}
+    assert table["Hopper-expert"]["run_last_step"] == table["Hopper-expert"]["run_total_steps"] == 900
     assert table["Hopper-expert"]["deterministic_return_mean"] >= table["Hopper-medium"]["deterministic_return_mean"]
 
     out = run("make_dataset.py", "generate", "--env-id", "Hopper", "--level", "medium-expert", "--steps", "1500",
