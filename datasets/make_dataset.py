@@ -56,11 +56,12 @@ def read_policy_table(policy_dir: str = POLICY_DIR) -> dict:
 
 
 def pick_levels(evaluated: dict[int, float], fraction: float) -> tuple[int, int]:
-    """(expert step, medium step): the expert is the best snapshot, the medium the snapshot whose return is
-    closest to fraction x the expert's (D4RL: about a third)."""
+    """(expert step, medium step): the expert is the best snapshot, the medium the earlier snapshot whose return
+    is closest to fraction x the expert's (D4RL: the same training stopped at about a third)."""
     expert = max(evaluated, key=evaluated.get)
     target = fraction * evaluated[expert]
-    medium = min(evaluated, key=lambda step: abs(evaluated[step] - target))
+    earlier = [step for step in evaluated if step < expert] or list(evaluated)
+    medium = min(earlier, key=lambda step: abs(evaluated[step] - target))
     return expert, medium
 
 

@@ -14,8 +14,8 @@ import make_dataset  # noqa: E402
 
 
 def test_pick_levels_takes_the_best_and_the_snapshot_nearest_a_third_of_it():
-    evaluated = {10: 200.0, 20: 1100.0, 30: 900.0, 40: 3300.0, 50: 3000.0}
-    assert make_dataset.pick_levels(evaluated, 1 / 3) == (40, 20)
+    evaluated = {10: 200.0, 20: 1100.0, 30: 900.0, 40: 3300.0, 50: 3000.0, 60: 1100.0}
+    assert make_dataset.pick_levels(evaluated, 1 / 3) == (40, 20)  # not 60: a collapse after the expert
     assert make_dataset.dataset_id_for("Hopper", "medium") == "gac-regenerated/mujoco/hopper/d4rl-medium-v0"
 
 
