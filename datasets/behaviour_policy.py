@@ -235,9 +235,8 @@ def main(args: Args):
     if os.path.exists(os.path.join(run_dir, "snapshots.json")):
         with open(os.path.join(run_dir, "snapshots.json")) as f:
             snapshots = [s for s in json.load(f) if s["step"] <= step]
-    with open(
-        os.path.join(run_dir, "run.json"), "w"
-    ) as f:  # for make_dataset.py select: how long the run is meant to be
+    # how long the run is meant to be, for make_dataset.py select
+    with open(os.path.join(run_dir, "run.json"), "w") as f:
         json.dump({"env": env_name, "args": asdict(args)}, f, indent=1)
     writer = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=step or None)
     if step == 0:
