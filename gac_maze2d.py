@@ -102,6 +102,9 @@ class Args:
     """gradient clipping of the parameter update"""
     inner_steps: int = 3
     """Adam steps on each batch trajectory's local posterior q_i(z0) before the global step"""
+    inner_blocks: int = 0
+    """context blocks of each trajectory that the inner steps read (0: all): drawn at random, their log-likelihood
+    scaled up is an unbiased estimate of the whole trajectory's (blocks are independent given the plan)"""
     posterior_lr: float = 0.1
     """Adam learning rate of the local posteriors (mu_i, log sigma_i^2)"""
     posterior_init_logvar: float = -5.0
@@ -169,8 +172,8 @@ def check_args(args: Args):
     for name in positive:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
-    non_negative = """num_iterations warmup_iterations inner_steps exploit_steps online_rounds online_iterations
-        explore_steps free_bits exploit_kl_weight weight_decay analysis_episodes""".split()
+    non_negative = """num_iterations warmup_iterations inner_steps inner_blocks exploit_steps online_rounds
+        online_iterations explore_steps free_bits exploit_kl_weight weight_decay analysis_episodes""".split()
     for name in non_negative:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
@@ -706,9 +709,9 @@ def free_bits_kl(kl: torch.Tensor, free_bits: float) -> torch.Tensor:
     return kl.mean(0).clamp(min=free_bits).sum()
 
 
-def log_likelihoods(model: GAC, z0, states, actions, timesteps, mask, y, return_std: float):
+def log_likelihoods(model: GAC, z0, s0, states, actions, timesteps, mask, y, return_std: float):
     """Per trajectory: log p_beta(actions | states, z) summed over its valid steps, log p_gamma(y | z), E[y | z]."""
-    return_tokens, plan_tokens = model.plan(z0, states[:, 0])
+    return_tokens, plan_tokens = model.plan(z0, s0)
     action_mean = model.generator(states, actions, timesteps, plan_tokens).float()
     log_std = model.generator.action_log_std.clamp(min=-5.0)
     action_ll = (gaussian_log_prob(actions, action_mean, log_std).sum(-1) * mask).sum(1)
@@ -734,6 +737,18 @@ def fit_local_posteriors(mu, logvar, eps, log_likelihood: Callable, steps: int, 
 def active_latent_dims(posterior_mu: torch.Tensor, threshold: float = 0.01) -> int:
     """Latent dimensions whose posterior mean varies across trajectories (Burda et al. 2016); 0 means collapse."""
     return int((posterior_mu.flatten(1).var(0) > threshold).sum())
+
+
+def sample_blocks(lengths: torch.Tensor, context_len: int, n_blocks: int, generator: torch.Generator):
+    """For the inner steps: n_blocks context blocks of each trajectory, uniformly without replacement among its
+    valid blocks, and the weight (valid blocks / valid blocks drawn) that makes the sum of their log-likelihoods
+    an unbiased estimate of the whole trajectory's. Returns (block index [B, n], weight [B])."""
+    valid = torch.div(lengths + context_len - 1, context_len, rounding_mode="floor")
+    max_blocks = int(valid.max())
+    keys = torch.rand(len(lengths), max_blocks, device=lengths.device, generator=generator)
+    keys = keys.masked_fill(torch.arange(max_blocks, device=lengths.device) >= valid[:, None], 2.0)  # invalid last
+    index = keys.argsort(1)[:, : min(n_blocks, max_blocks)]
+    return index, valid / valid.clamp(max=index.shape[1])
 
 
 def sample_batch(
@@ -765,11 +780,23 @@ def train_iteration(
     states, actions, y = buffer.states[idx, :T], buffer.actions[idx, :T], buffer.y[idx].float()
     mask = valid_mask(lengths, T)
     timesteps = torch.arange(T, device=states.device).expand(len(idx), T)
+    s0 = states[:, 0]
+
+    # the inner steps read every block, or with --inner-blocks a random few of them, scaled up by `weight`
+    inner, weight = (states, actions, timesteps, mask), 1.0
+    if 0 < args.inner_blocks < T // K:
+        blocks, weight = sample_blocks(lengths, K, args.inner_blocks, generator)
+        rows = torch.arange(len(idx), device=states.device)[:, None]
+
+        def pick(x):  # [B, T, ...] -> the chosen blocks [B, n * K, ...]
+            return x.reshape(len(idx), T // K, K, *x.shape[2:])[rows, blocks].flatten(1, 2)
+
+        inner = tuple(pick(x) for x in inner)
 
     def log_joint(z0):  # log p(tau | z) + log p(y | z)
         with autocast():
-            action_ll, return_ll, _ = log_likelihoods(model, z0, states, actions, timesteps, mask, y, args.return_std)
-        return action_ll + return_ll
+            action_ll, return_ll, _ = log_likelihoods(model, z0, s0, *inner, y, args.return_std)
+        return weight * action_ll + return_ll
 
     # (1) local variational inference on q_i(z0) for the batch, parameters fixed, no dropout
     eps = torch.randn(posterior_mu[idx].shape, device=states.device, generator=generator)
@@ -783,7 +810,9 @@ def train_iteration(
     model.train()
     z0 = mu + (0.5 * logvar).exp() * eps
     with autocast():
-        action_ll, return_ll, y_hat = log_likelihoods(model, z0, states, actions, timesteps, mask, y, args.return_std)
+        action_ll, return_ll, y_hat = log_likelihoods(
+            model, z0, s0, states, actions, timesteps, mask, y, args.return_std
+        )
     n_steps = mask.sum()
     loss = -(action_ll + return_ll).sum() / n_steps  # the negative ELBO per timestep, up to the constant KL
     optimizer.zero_grad(set_to_none=True)

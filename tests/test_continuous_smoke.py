@@ -40,7 +40,7 @@ def scalars(run_dir, tag):
 
 
 def test_end_to_end_offline_evaluation_and_one_online_round(minari_root, tmp_path):
-    run(TINY_FLAGS + ["--exp-name", "smoke"], cwd=tmp_path)
+    run(TINY_FLAGS + ["--exp-name", "smoke", "--inner-blocks", "1"], cwd=tmp_path)
     run_dir = only_run_dir(tmp_path)
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
     assert metrics["dataset_id"] == TINY_HOPPER and "Minari reference scores" in metrics["normalisation"]

@@ -261,6 +261,60 @@ def test_sample_batch_weights_by_length_and_gives_online_data_its_share():
     assert (gac.sample_batch(lengths, 3, 10, 0.0, generator) < 3).all()
 
 
+def test_sample_blocks_draws_valid_blocks_and_weights_them():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([32, 9, 3])  # 8, 3 and 1 valid blocks of 4 steps
+    index, weight = gac.sample_blocks(lengths, 4, 2, generator)
+    assert index.shape == (3, 2)
+    assert (index[0] < 8).all() and index[0, 0] != index[0, 1] and (index[1] < 3).all()
+    assert index[2, 0] == 0  # the only valid block comes first; the second pick is padding (masked)
+    assert torch.allclose(weight, torch.tensor([4.0, 1.5, 1.0]))
+
+
+def test_log_likelihood_of_random_blocks_is_unbiased():
+    """Blocks are independent given the plan, so weight x (log-likelihood of the drawn blocks) averages to the
+    whole trajectory's log-likelihood."""
+    model = tiny_model(max_len=32).eval()
+    generator = torch.Generator().manual_seed(1)
+    states, actions, lengths = gac.pad_trajectories(
+        [np.random.randn(n, 3) for n in (32, 13)], [np.random.rand(n, 2) * 2 - 1 for n in (32, 13)], 32, "cpu"
+    )
+    mask, timesteps = gac.valid_mask(lengths, 32), torch.arange(32).expand(2, 32)
+    z0, y = torch.randn(2, 3, 16), torch.zeros(2)
+    with torch.no_grad():
+        full, _, _ = gac.log_likelihoods(model, z0, states[:, 0], states, actions, timesteps, mask, y, 0.1)
+        rows, estimates = torch.arange(2)[:, None], []
+        for _ in range(400):
+            blocks, weight = gac.sample_blocks(lengths, 4, 3, generator)
+            picked = [x.reshape(2, 8, 4, *x.shape[2:])[rows, blocks].flatten(1, 2)
+                      for x in (states, actions, timesteps, mask)]  # fmt: skip
+            part, _, _ = gac.log_likelihoods(model, z0, states[:, 0], *picked, y, 0.1)
+            estimates.append(weight * part)
+    estimate = torch.stack(estimates)
+    assert torch.allclose(estimate.mean(0), full, atol=4 * estimate.std(0).max().item() / 20)
+    assert estimate.std(0).min() > 0  # the estimate does vary: the test would see a bias
+
+
+def test_train_iteration_with_inner_blocks_runs_and_is_deterministic():
+    results = []
+    for _ in range(2):
+        model = tiny_model(max_len=32)
+        args = tiny_args(batch_size=4, inner_steps=2, inner_blocks=2)
+        states, actions, lengths = gac.pad_trajectories(
+            [np.ones((n, 3)) * n for n in (32, 20, 7)], [np.zeros((n, 2)) for n in (32, 20, 7)], 32, "cpu"
+        )
+        buffer = gac.TrajectoryBuffer(states, actions, lengths, torch.zeros(3), torch.tensor([0.1, 0.5, 0.9]))
+        mu, logvar = torch.zeros(3, 3, 16), torch.full((3, 3, 16), -5.0)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+        generator = torch.Generator().manual_seed(0)
+        losses = gac.train_iteration(model, optimizer, scheduler, buffer, 3, mu, logvar, args, generator,
+                                     gac_nullcontext)  # fmt: skip
+        results.append((float(losses["losses/elbo"]), mu.clone()))
+    assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
+    assert results[0][1].abs().sum() > 0
+
+
 def test_active_latent_dims_sees_collapse():
     assert gac.active_latent_dims(torch.zeros(50, 2, 4)) == 0
     mu = torch.zeros(50, 2, 4)
