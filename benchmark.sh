@@ -336,6 +336,7 @@ def act_speed(num_envs=50):
 act_speed()
 train_speed("default (batch 64, 3 inner steps, bf16)")
 train_speed("no inner steps", inner_steps=0)
+train_speed("inner steps on 8 random blocks (--inner-blocks 8)", inner_blocks=8)
 train_speed("batch 256", batch_size=256)
 if os.environ.get("COMPILE", "1") == "1":
     train_speed("torch.compile", compile_model=True)
