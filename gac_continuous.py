@@ -78,6 +78,9 @@ class Args:
     """how many of the plan tokens feed the return predictor; the others are the generator's memory"""
     context_len: int = 32
     """context of the generator in timesteps: trajectories are cut into blocks of this many steps"""
+    time_embedding: str = "absolute"
+    """what the generator's time embedding encodes: "absolute" (the timestep in the episode; steps later than any
+    training trajectory reach get an untrained embedding) or "block" (the position in the context block)"""
     dropout: float = 0.1
     """dropout in the generator"""
 
@@ -174,6 +177,8 @@ def check_args(args: Args):
     for name in ["learning_rate", "posterior_lr", "exploit_lr", "explore_lr", "return_std", "max_grad_norm"]:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.time_embedding not in ("absolute", "block"):
+        fail(f"--time-embedding must be absolute or block, got {args.time_embedding!r}")
     if not 0.0 <= args.quantile <= 1.0:
         fail(f"--quantile must be in [0, 1], got {args.quantile}")
     if not 0.0 <= args.online_fraction <= 1.0:
@@ -422,8 +427,9 @@ class TrajectoryGenerator(nn.Module):
         super().__init__()
         d = args.d_model
         self.context_len = args.context_len
+        self.block_time = args.time_embedding == "block"
         self.embed_state, self.embed_action = nn.Linear(obs_dim, d), nn.Linear(act_dim, d)
-        self.embed_timestep = nn.Embedding(max_len, d)
+        self.embed_timestep = nn.Embedding(args.context_len if self.block_time else max_len, d)
         self.embed_ln, self.embed_dropout = nn.LayerNorm(d), nn.Dropout(args.dropout)
         self.blocks = nn.ModuleList(
             Block(d, args.n_head, args.dropout, causal=True, cross_attention=True) for _ in range(args.n_layer)
@@ -437,7 +443,10 @@ class TrajectoryGenerator(nn.Module):
         context. Returns the mean of p(a_t | s_t and the block's earlier steps, z): [B, T, act], in (-1, 1)."""
         B, T, _ = states.shape
         blocks_per_traj = T // self.context_len
-        time = self.embed_timestep(timesteps)
+        if self.block_time:  # blocks start at multiples of the context: this is the position in the block
+            time = self.embed_timestep(timesteps % self.context_len)
+        else:  # steps past the longest episode the model was built for share its last embedding
+            time = self.embed_timestep(timesteps.clamp(max=self.embed_timestep.num_embeddings - 1))
         tokens = torch.stack([self.embed_state(states) + time, self.embed_action(actions) + time], dim=2)
         # [B, T, 2, d] -> [B * blocks, 2 * context_len, d]: interleaved s_t, a_t, one sequence per block
         x = self.embed_dropout(self.embed_ln(tokens.reshape(B * blocks_per_traj, 2 * self.context_len, -1)))
@@ -748,7 +757,6 @@ def rollout(
             rows = torch.arange(N, device=device)
             block_states[rows, slot] = states
             timesteps = torch.as_tensor(t - t % K, device=device)[:, None] + torch.arange(K, device=device)
-            timesteps = timesteps.clamp(max=model.generator.embed_timestep.num_embeddings - 1)
             action = act(model, block_states, block_actions, timesteps, plan_tokens, slot, autocast)
             block_actions[rows, slot] = action
             action_np = np.clip(action.cpu().numpy(), low, high)

@@ -114,6 +114,16 @@ def test_exploration_target_is_quantile_plus_delta():
 # ---- the model ----
 
 
+def test_block_time_embedding_is_the_position_in_the_block():
+    model = tiny_model(time_embedding="block", max_len=16).eval()
+    assert model.generator.embed_timestep.num_embeddings == 4  # the context, not the episode length
+    states, actions, plan = torch.randn(1, 8, 3), torch.randn(1, 8, 2), torch.randn(1, 3, 16)
+    with torch.no_grad():
+        early = model.generator(states, actions, torch.arange(8)[None], plan)
+        late = model.generator(states, actions, torch.arange(400, 408)[None], plan)  # far past any training length
+    assert torch.equal(early, late)
+
+
 def test_generator_is_causal_within_a_block_and_blind_across_blocks():
     model = tiny_model().eval()
     B, T = 1, 8  # two blocks of context_len=4
@@ -133,10 +143,11 @@ def test_generator_is_causal_within_a_block_and_blind_across_blocks():
     assert not torch.allclose(out[0, 2:4], base[0, 2:4])
 
 
-def test_acting_with_a_rolling_block_reproduces_the_training_conditionals():
+@pytest.mark.parametrize("time_embedding", ["absolute", "block"])
+def test_acting_with_a_rolling_block_reproduces_the_training_conditionals(time_embedding):
     """The rollout writes step t into slot t % K of a K-step buffer that still holds stale later slots; the
     action it reads must equal the one the training forward computes for the whole trajectory."""
-    model = tiny_model().eval()
+    model = tiny_model(time_embedding=time_embedding).eval()
     K, T = 4, 11
     states, actions = torch.randn(1, 12, 3), torch.randn(1, 12, 2)
     plan = torch.randn(1, 2, 16)
