@@ -1402,6 +1402,8 @@ if __name__ == "__main__":
         raw_states = [s * state_normalizer.std + state_normalizer.mean for s in episodes["states"]]
         found = analyse_episodes(raw_states, maze, goal_cell, training_routes)
         scores = 100 * normalize_returns(np.array(episodes["returns_raw"]), ref_min, ref_max)
+        arrivals = [step for step in found["arrival_step"] if step is not None]  # of the episodes that arrived
+        holds = [hold for hold in found["hold"] if hold is not None]
         result = {
             "success_rate": float(np.mean(found["success"])),
             "path_efficiency": float(np.mean(found["efficiency"])),
@@ -1409,12 +1411,13 @@ if __name__ == "__main__":
                 np.mean([e for e, ok in zip(found["efficiency"], found["success"], strict=True) if ok] or [0.0])
             ),
             "novel_route_share": float(np.mean(found["novel_route"])),
-            "arrival_step": float(np.mean([a for a in found["arrival_step"] if a is not None] or [np.nan])),
-            "hold_fraction": float(np.mean([h for h in found["hold"] if h is not None] or [np.nan])),
+            "arrival_step": float(np.mean(arrivals)) if arrivals else None,
+            "hold_fraction": float(np.mean(holds)) if holds else None,
             "episodes": len(scores),
         }
         for key, value in result.items():
-            writer.add_scalar(f"analysis/{key}", value, iteration)
+            if value is not None:
+                writer.add_scalar(f"analysis/{key}", value, iteration)
         name = label.replace(" ", "_")
         figure = plot_success_by_start_cell(
             maze, goal_cell, found["start_cell"], found["success"], f"success by start cell ({label})"
@@ -1428,9 +1431,13 @@ if __name__ == "__main__":
         figure = plot_plan_map(plans, scores, found["start_cell"], f"plans of the evaluation episodes ({label})")
         figure.savefig(os.path.join(run_dir, f"plan_map_{name}.png"))
         writer.add_figure("analysis/plan_map", figure, iteration)
+        staying = "never at the goal"
+        if arrivals:
+            staying = (
+                f"first arrival at step {np.mean(arrivals):.0f}, then at the goal {np.mean(holds):.2f} of the time"
+            )
         print(f"[{label}] success {result['success_rate']:.2f}, path efficiency {result['path_efficiency']:.2f}, "
-              f"novel routes {result['novel_route_share']:.2f}, first arrival at step {result['arrival_step']:.0f}, "
-              f"then at the goal {result['hold_fraction']:.2f} of the time, {result['episodes']} episodes")  # fmt: skip
+              f"novel routes {result['novel_route_share']:.2f}, {staying}, {result['episodes']} episodes")  # fmt: skip
         metrics.setdefault("analysis", {})[label] = result
         return result
 

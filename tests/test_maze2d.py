@@ -163,6 +163,9 @@ def test_end_to_end_regenerates_then_reuses_the_dataset(minari_root, tmp_path):
     (run_name,) = os.listdir(tmp_path / "runs")
     run_dir = tmp_path / "runs" / run_name
     metrics = json.load(open(run_dir / "metrics.json"))
+    assert "NaN" not in (run_dir / "metrics.json").read_text()  # strict JSON, for tools other than Python's
+    offline = metrics["analysis"]["offline"]
+    assert (offline["arrival_step"] is None) == (offline["success_rate"] == 0)
     assert set(metrics["analysis"]) == {"offline", "round 1"}
     assert 0.0 <= metrics["analysis"]["offline"]["path_efficiency"] <= 1.0
     for name in ["success_by_start_cell_offline.png", "plan_map_round_1.png", "inference_dynamics_10.png"]:
