@@ -223,8 +223,7 @@ def dataset_hint(dataset_id: str) -> str:
         return ""
     level = "medium" if match[2] == "simple" else match[2]
     regenerated = f"gac-regenerated/mujoco/{env.lower()}/d4rl-{level}-v0"
-    root = os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
-    if regenerated != dataset_id and os.path.isdir(os.path.join(root, regenerated, "data")):
+    if regenerated != dataset_id and os.path.isdir(os.path.join(minari.storage.get_dataset_path(regenerated), "data")):
         return f" A local regeneration of D4RL's {level} level (not Minari's) is there: --dataset d4rl-{level}."
     command = f"python datasets/make_dataset.py generate --env-id {env} --level {level}"
     return f" To regenerate D4RL's {level} level here: {command}."
