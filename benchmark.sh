@@ -5,7 +5,7 @@
 #   ./benchmark.sh                      # the default grid, seeds 1 2 3, jobs in parallel here, then --collect
 #   ./benchmark.sh --jobs 4 --only maze2d --seeds "1 2"
 #   ./benchmark.sh -- --num-iterations 3000          # flags after -- go to every run
-#   ./benchmark.sh --slurm "--partition gpu --gres gpu:1 --time 01:00:00"   # one array task per run, then collect
+#   ./benchmark.sh --slurm "--partition gpu --gres gpu:1 --time 01:00:00"   # one array task per job, then collect
 #   ./benchmark.sh --collect            # only collect the runs already under runs/
 #   ./benchmark.sh --speed              # one Hopper run here, then where its time went and its throughput
 #   ./benchmark.sh --micro              # the hot paths alone on synthetic Hopper-size data (no dataset needed)
@@ -14,7 +14,10 @@
 #
 # Variants, side by side on the same data and budget: gac (exploitation by ascent on the plan, dynamic target
 # y+), prior (plans drawn from the prior, no inference: the latent ablation) and fixed-target (exploration
-# towards a fixed y* = 1.0, the reference expert: the exploration ablation).
+# towards a fixed y* = 1.0, the reference expert: the exploration ablation). One job per (dataset, seed): an
+# offline run (exp-name bench-offline, --online-rounds 0 --save-model), then the three variants in parallel, each
+# starting from that run's offline.pt (--init-from): they differ only in inference and online fine-tuning, and the
+# offline training is paid once instead of three times.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -39,7 +42,7 @@ while (($#)); do
     --out) OUT=$2; shift 2 ;;
     --deadline) DEADLINE=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h | --help) sed -n '2,18p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "benchmark.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -63,7 +66,7 @@ write_jobs() {
   for row in "${GRID[@]}"; do
     script=${row%%|*}
     data=${row#*|}
-    [[ -z "$ONLY" || "$script" == *"$ONLY"* ]] || continue
+    [[ -z "$ONLY" || "$row" == *"$ONLY"* ]] || continue  # a substring of the row: maze2d, Hopper, "--env-id umaze"
     if [[ "$script" == gac_maze2d.py ]]; then
       maze=$(sed -E 's/.*--env-id ([a-z]+).*/\1/' <<<"$data")
       steps=$(grep -oE -- '--dataset-steps [0-9]+' <<<"${EXTRA[*]:-}" | awk '{print $2}' || true)
@@ -74,11 +77,20 @@ write_jobs() {
       local id="gac-regenerated/mujoco/${env,,}/d4rl-$level-v0"
       echo "[ -d \"\${MINARI_DATASETS_PATH:-\$HOME/.minari/datasets}/$id/data\" ] || python datasets/make_dataset.py generate --env-id $env --level $level --workers \$(nproc)" >>"$OUT/prepare.txt"
     fi
-    for variant in gac prior fixed-target; do
-      for seed in $SEEDS; do
-        echo "python $script $data --seed $seed --exp-name bench-$variant ${VARIANTS[$variant]} ${EXTRA[*]:-}" \
-          | tr -s ' ' >>"$OUT/jobs.txt"
+    local env_id
+    env_id=$(sed -E 's/.*--env-id ([A-Za-z0-9]+).*/\1/' <<<"$data")
+    for seed in $SEEDS; do
+      local i job
+      i=$(wc -l <"$OUT/jobs.txt")
+      # the offline run; flags after -- come before --online-rounds 0 so that it wins
+      job="python $script $data --seed $seed --exp-name bench-offline ${EXTRA[*]:-} --online-rounds 0 --save-model"
+      job+=" && dir=\$(ls -td runs/${env_id}__bench-offline__${seed}__* | head -n 1) && {"
+      for variant in gac prior fixed-target; do
+        # the variant's own flags after those given after --, so that they win
+        job+=" python $script $data --seed $seed --exp-name bench-$variant ${EXTRA[*]:-} ${VARIANTS[$variant]}"
+        job+=" --init-from \$dir >$OUT/logs/run_${i}_$variant.log 2>&1 &"
       done
+      echo "$job for p in \$(jobs -p); do wait \$p || s=1; done; exit \${s:-0}; }" | tr -s ' ' >>"$OUT/jobs.txt"
     done
   done
 }
@@ -86,23 +98,23 @@ write_jobs() {
 run_local() {
   local gpus i=0
   gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c GPU || true)
-  if [[ -z "$JOBS" ]]; then  # one run per GPU, or per two CPU cores without one
+  if [[ -z "$JOBS" ]]; then  # one job (up to three runs at once) per GPU, or per two CPU cores without one
     if ((gpus > 0)); then JOBS=$gpus; else JOBS=$(($(nproc) / 2 > 0 ? $(nproc) / 2 : 1)); fi
   fi
   echo "preparing datasets: $(wc -l <"$OUT/prepare.txt") commands"
   while IFS= read -r cmd; do bash -c "$cmd" >>"$OUT/logs/prepare.log" 2>&1 & done <"$OUT/prepare.txt"
   wait
-  echo "$(wc -l <"$OUT/jobs.txt") runs, $JOBS at a time, logs in $OUT/logs"
+  echo "$(wc -l <"$OUT/jobs.txt") jobs (an offline run, then three variants), $JOBS at a time, logs in $OUT/logs"
   while IFS= read -r cmd; do
     while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done
     local device=() limit=()
     ((gpus > 0)) && device=("CUDA_VISIBLE_DEVICES=$((i % gpus))")
     if [[ -n "$DEADLINE" ]]; then  # SIGTERM at the deadline: the run still writes its metrics.json
       local left=$((DEADLINE - SECONDS))
-      ((left > 0)) || { echo "deadline reached: run $i and later not started" >&2; break; }
+      ((left > 0)) || { echo "deadline reached: job $i and later not started" >&2; break; }
       limit=(timeout "$left")
     fi
-    (env "${device[@]}" "${limit[@]}" bash -c "$cmd" >"$OUT/logs/run_$i.log" 2>&1 || echo "run $i ended early or failed (see $OUT/logs/run_$i.log): $cmd" >&2) &
+    (env "${device[@]}" "${limit[@]}" bash -c "$cmd" >"$OUT/logs/run_$i.log" 2>&1 || echo "job $i ended early or failed (see $OUT/logs/run_${i}*.log): $cmd" >&2) &
     i=$((i + 1))
   done <"$OUT/jobs.txt"
   wait
@@ -147,7 +159,9 @@ for path in sorted(glob.glob("runs/*/metrics.json")):
     with open(path) as f:
         metrics = json.load(f)
     args = metrics.get("args", {})
-    if not str(args.get("exp_name", "")).startswith("bench-") or "offline" not in metrics:
+    if not str(args.get("exp_name", "")).startswith("bench-") or args["exp_name"] == "bench-offline":
+        continue  # not a benchmark run, or the offline run the variants start from
+    if "offline" not in metrics:
         continue
     key = (metrics["script"], metrics["dataset_id"], args["exp_name"].removeprefix("bench-"))
     groups[key].append(metrics)
@@ -170,7 +184,8 @@ for (script, dataset, variant), runs in sorted(groups.items()):
     seeds = sorted(run["args"]["seed"] for run in runs)
     offline = [run["offline"]["score_mean"] for run in runs]
     online = [run["online"][-1]["score_mean"] for run in runs if run.get("online")]
-    wall = [run["timings_s"]["total"] for run in runs]
+    # wall time of a whole run: the shared offline run until its checkpoint, then this run
+    wall = [run["timings_s"]["total"] + run.get("init_from", {}).get("timings_s", {}).get("total", 0.0) for run in runs]
     machines = sorted({run.get("machine", run["device"]) for run in runs})
     n_rounds = min((len(run.get("online", [])) for run in runs), default=0)
     rounds_by_key[(script, dataset, variant)] = np.array(
@@ -180,8 +195,15 @@ for (script, dataset, variant), runs in sorted(groups.items()):
     lines.append(f"| {script} | {dataset} | {variant} | {' '.join(map(str, seeds))} | {mean_std(offline)} "
                  f"| {after} | {np.mean(wall):.0f} s | {', '.join(machines)} |")
     command = re.sub(r"--seed \d+", "--seed <seed>", runs[0].get("command", ""))
+    command = re.sub(r"--init-from \S+", "--init-from <offline run>", command)
+    offline_command = runs[0].get("init_from", {}).get("command")
+    if offline_command:
+        offline_command = re.sub(r"--seed \d+", "--seed <seed>", offline_command)
+        command = f"{offline_command}`, then `{command}"
     commands.append(f"- {script}, {dataset}, {variant}: `{command}`")
-table = "\n".join(lines) + "\n\nCommands (each seed of the row):\n\n" + "\n".join(commands) + "\n"
+note = ("Wall time per run: the offline run the three variants share (data, offline training, its evaluation), "
+        "then the variant's own evaluation and online rounds; the variants ran three at a time on one device.")
+table = "\n".join(lines) + f"\n\n{note}\n\nCommands (each seed of the row):\n\n" + "\n".join(commands) + "\n"
 with open(os.path.join(out, "results.md"), "w") as f:
     f.write(table)
 print(table)

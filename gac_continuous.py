@@ -53,6 +53,10 @@ class Args:
     """if toggled, write runs/{run_name}/checkpoint.pt (model, optimiser, local posteriors, online data)"""
     resume: str | None = None
     """a checkpoint.pt (or the run folder holding one) to continue a killed run from; implies --save-model"""
+    init_from: str | None = None
+    """an offline.pt (or the run folder holding one) that a run with --save-model wrote after offline training: start
+    from that model and run only the offline evaluation and the online rounds, with this run's inference and online
+    flags (benchmark.sh runs GAC and both ablations from one offline model this way)"""
 
     # Data
     env_id: str = "Hopper"
@@ -161,6 +165,28 @@ ENV_NAMES = {"hopper": "Hopper", "walker2d": "Walker2d", "halfcheetah": "HalfChe
 def fail(message: str):
     """Bad input ends the run with one line, not a traceback."""
     raise SystemExit(f"{os.path.basename(sys.argv[0]) or 'gac_continuous.py'}: error: {message}")
+
+
+# the flags an --init-from run may set differently from the run that trained its offline model: they act after it
+AFTER_OFFLINE_FLAGS = """exp_name seed torch_deterministic cuda track wandb_project_name wandb_entity save_model resume
+    init_from num_candidates exploit_steps exploit_lr exploit_kl_weight eval_episodes eval_every
+    online_rounds episodes_per_round online_iterations online_fraction quantile delta_y fixed_target explore_steps
+    explore_lr num_envs async_envs checkpoint_every log_every""".split()
+
+
+def load_offline_checkpoint(init_from: str, args: Args) -> tuple[str, dict]:
+    """The checkpoint an --init-from run starts from; one line if it is missing or its offline flags differ."""
+    path = os.path.join(init_from, "offline.pt") if os.path.isdir(init_from) else init_from
+    if not os.path.isfile(path):
+        fail(f"--init-from: no offline checkpoint at {path} (a run with --save-model writes offline.pt)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if checkpoint["round"] != 0 or checkpoint["online_buffer"]["lengths"].numel():
+        fail(f"--init-from: {path} was written after online rounds; use the run's offline.pt")
+    differ = {k: v for k, v in checkpoint["args"].items() if k not in AFTER_OFFLINE_FLAGS and getattr(args, k) != v}
+    if differ:
+        flags = ", ".join(f"--{k.replace('_', '-')} {v}" for k, v in differ.items())
+        fail(f"--init-from: {path} was trained with other offline flags; repeat them: {flags}")
+    return path, checkpoint
 
 
 def check_args(args: Args):
@@ -852,6 +878,9 @@ if __name__ == "__main__":
     else:
         run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join("runs", run_name)
+    init_path, init_checkpoint = None, None
+    if args.init_from and checkpoint is None:  # a resumed --init-from run continues from its own checkpoint
+        init_path, init_checkpoint = load_offline_checkpoint(args.init_from, args)
     dataset_id = resolve_dataset_id(args)
     timings = {
         "data_loading": 0.0,
@@ -934,6 +963,22 @@ if __name__ == "__main__":
         iteration, start_round = checkpoint["iteration"], checkpoint["round"]
         metrics = json.loads(checkpoint["metrics"])
         print(f"resumed {run_dir} at iteration {iteration}, online round {start_round}")
+    elif init_checkpoint is not None:
+        if init_checkpoint["posterior_mu"].shape[0] != n_offline:
+            fail(f"--init-from: {init_path} was trained on another version of {dataset_id}")
+        model.load_state_dict(init_checkpoint["model"])
+        optimizer.load_state_dict(init_checkpoint["optimizer"])
+        scheduler.load_state_dict(init_checkpoint["scheduler"])
+        posterior_mu = init_checkpoint["posterior_mu"].to(device)
+        posterior_logvar = init_checkpoint["posterior_logvar"].to(device)
+        iteration = init_checkpoint["iteration"]
+        offline_run = json.loads(init_checkpoint["metrics"])
+        metrics["init_from"] = {
+            "path": os.path.abspath(init_path),
+            "command": offline_run.get("command"),
+            "timings_s": offline_run.get("timings_s", {}),  # the offline run's time until it wrote the checkpoint
+        }
+        print(f"starting from the offline model of {init_path} (iteration {iteration})")
 
     writer = SummaryWriter(run_dir, purge_step=iteration if checkpoint is not None else None)
     if args.track:
@@ -964,12 +1009,12 @@ if __name__ == "__main__":
     table = "\n".join(f"|{key}|{value}|" for key, value in (vars(args) | provenance).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
-    def checkpoint_now(round_index: int):
+    def checkpoint_now(round_index: int, name: str = "checkpoint.pt"):
         if not args.save_model:
             return
         online = {k: v[n_offline:].cpu() for k, v in asdict(buffer).items()}
         save_checkpoint(
-            os.path.join(run_dir, "checkpoint.pt"),
+            os.path.join(run_dir, name),
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -1108,6 +1153,8 @@ if __name__ == "__main__":
         if "offline" not in metrics:
             metrics["offline"], _ = evaluate("offline", args.eval_episodes)
             checkpoint_now(0)
+            if not args.init_from:
+                checkpoint_now(0, "offline.pt")  # what --init-from runs start from
 
         # ---- online: rounds of exploration with optimistic targets, training, exploitation ----
         for round_index in range(start_round, args.online_rounds):

@@ -11,15 +11,35 @@ from conftest import ROOT
 def test_dry_run_lists_every_script_dataset_variant_and_seed():
     result = subprocess.run(["bash", os.path.join(ROOT, "benchmark.sh"), "--dry-run", "--out", "/tmp/gac_bench_dry"],
                             capture_output=True, text=True, check=True)  # fmt: skip
-    runs = [line for line in result.stdout.splitlines() if line.startswith("python gac_")]
-    assert len(runs) == 3 * 3 * 3  # (Hopper, umaze, medium) x (gac, prior, fixed-target) x seeds 1 2 3
-    assert sum("--exploit-steps 0 --num-candidates 1" in r for r in runs) == 9
-    assert sum("--fixed-target 1.0" in r for r in runs) == 9
+    jobs = [line for line in result.stdout.splitlines() if line.startswith("python gac_")]
+    assert len(jobs) == 3 * 3  # (Hopper, umaze, medium) x seeds 1 2 3: an offline run, then three variants
+    for job in jobs:
+        offline, variants = job.split(" && dir=")
+        assert "--exp-name bench-offline" in offline and offline.endswith("--online-rounds 0 --save-model")
+        assert variants.count("--init-from $dir") == 3 and variants.count(" & ") == 3
+        assert "--exploit-steps 0 --num-candidates 1" in variants and "--fixed-target 1.0" in variants
+    assert sum("--seed 2 --exp-name bench-gac " in job for job in jobs) == 3
     assert sum("find_or_regenerate" in line for line in result.stdout.splitlines()) == 2  # umaze, medium once
     assert "python datasets/make_dataset.py generate --env-id Hopper --level medium --workers" in result.stdout
+    # flags after -- reach every run, but never undo a variant's own
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmark.sh"), "--dry-run", "--out", "/tmp/gac_bench_dry",
+                             "--only", "umaze", "--seeds", "1", "--", "--exploit-steps", "7"],
+                            capture_output=True, text=True, check=True)  # fmt: skip
+    (job,) = [line for line in result.stdout.splitlines() if line.startswith("python gac_")]
+    assert "--exploit-steps 7 --exploit-steps 0 --num-candidates 1 --init-from" in job
 
 
-def fake_run(root, name, variant, seed, offline, online, script="gac_maze2d.py", dataset="gac-regenerated/x-v2"):
+def fake_run(
+    root,
+    name,
+    variant,
+    seed,
+    offline,
+    online,
+    script="gac_maze2d.py",
+    dataset="gac-regenerated/x-v2",
+    offline_run_s=None,
+):
     run_dir = root / "runs" / name
     run_dir.mkdir(parents=True)
     metrics = {
@@ -29,13 +49,18 @@ def fake_run(root, name, variant, seed, offline, online, script="gac_maze2d.py",
         "offline": {"score_mean": offline}, "online": [{"score_mean": s} for s in online],
         "timings_s": {"total": 100.0 * seed},
     }  # fmt: skip
+    if offline_run_s is not None:
+        offline_command = f"python {script} --env-id umaze --seed {seed} --exp-name bench-offline"
+        metrics["init_from"] = {"command": offline_command, "timings_s": {"total": offline_run_s}}
+        metrics["command"] += " --init-from runs/x/offline.pt"
     (run_dir / "metrics.json").write_text(json.dumps(metrics))
 
 
 def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
     shutil.copy(os.path.join(ROOT, "benchmark.sh"), tmp_path)
-    fake_run(tmp_path, "a", "gac", 1, 40.0, [50.0, 60.0])
-    fake_run(tmp_path, "b", "gac", 2, 60.0, [70.0, 80.0])
+    fake_run(tmp_path, "a", "gac", 1, 40.0, [50.0, 60.0], offline_run_s=50.0)
+    fake_run(tmp_path, "b", "gac", 2, 60.0, [70.0, 80.0], offline_run_s=50.0)
+    fake_run(tmp_path, "o", "offline", 1, 45.0, [])  # what the variants start from: not a row
     fake_run(tmp_path, "c", "prior", 1, 10.0, [20.0, 30.0])
     fake_run(tmp_path, "d", "gac_maze2d", 1, 99.0, [99.0, 99.0])  # exp-name "bench-gac_maze2d": another variant
     (tmp_path / "runs" / "e").mkdir()
@@ -49,7 +74,11 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
     assert "old" not in readme
     gac_row = next(line for line in readme.splitlines() if "| gac |" in line)
     assert "| 1 2 |" in gac_row and "| 50.0 +- 10.0 |" in gac_row and "| 70.0 +- 10.0 (2 rounds) |" in gac_row
-    assert "| 150 s |" in gac_row and "NVIDIA H100" in gac_row
-    assert "--seed <seed> --exp-name bench-gac`" in readme
+    assert "| 200 s |" in gac_row and "NVIDIA H100" in gac_row  # the shared offline run's 50 s included
+    assert (
+        "--seed <seed> --exp-name bench-offline`, then `python gac_maze2d.py --env-id umaze --seed <seed> "
+        "--exp-name bench-gac --init-from <offline run>`" in readme
+    )
+    assert "| offline |" not in readme
     assert readme.count("| gac_maze2d.py |") == 3  # gac, prior, gac_maze2d; the non-benchmark run is left out
     assert (tmp_path / "benchmark" / "score_by_round.png").stat().st_size > 0

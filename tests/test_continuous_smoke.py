@@ -94,12 +94,31 @@ def test_a_killed_run_resumes_from_its_checkpoint(minari_root, tmp_path):
     assert steps == sorted(set(steps)) and steps[-1] == 155  # no step logged twice after the purge
 
 
+def test_ablations_start_from_the_offline_model_of_another_run(minari_root, tmp_path):
+    run(TINY_FLAGS + ["--exp-name", "offline", "--online-rounds", "0", "--save-model"], cwd=tmp_path)
+    offline_dir = only_run_dir(tmp_path)
+    assert os.path.exists(os.path.join(offline_dir, "offline.pt"))
+    flags = TINY_FLAGS + ["--exp-name", "prior", "--exploit-steps", "0", "--num-candidates", "1"]
+    run(flags + ["--init-from", offline_dir, "--save-model"], cwd=tmp_path)
+    (prior_dir,) = glob.glob(str(tmp_path / "runs" / "*__prior__*"))
+    metrics = json.load(open(os.path.join(prior_dir, "metrics.json")))
+    assert metrics["init_from"]["path"] == os.path.join(offline_dir, "offline.pt")
+    assert metrics["init_from"]["timings_s"]["offline_training"] > 0 and metrics["timings_s"]["offline_training"] == 0
+    assert [e["iteration"] for e in metrics["evaluations"]] == [20, 25] and metrics["online"][0]["round"] == 1
+    assert [step for step, _ in scalars(prior_dir, "losses/elbo")] == [25]  # trained only in the online round
+    assert not os.path.exists(os.path.join(prior_dir, "offline.pt"))
+    result = run(flags + ["--init-from", offline_dir, "--d-model", "16"], cwd=tmp_path, check=False)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("other offline flags; repeat them: --d-model 32"), result.stderr
+
+
 def test_bad_input_gets_one_line(minari_root, tmp_path):
     for flags, expected in [
         (["--env-id", "Pendulum"], "valid: Hopper, Walker2d, HalfCheetah, Ant"),
         (["--dataset-id", "mujoco/hopper/nonexistent-v0"], "minari download mujoco/hopper/nonexistent-v0"),
         (["--dataset-id", TINY_HOPPER, "--quantile", "2"], "--quantile must be in [0, 1]"),
         (["--resume", str(tmp_path / "nowhere")], "no checkpoint at"),
+        (["--init-from", str(tmp_path / "nowhere")], "no offline checkpoint at"),
         (["--dataset", "bogus"], "valid: simple, medium, expert, d4rl-medium"),
         (["--dataset", "d4rl-expert"], "python datasets/make_dataset.py generate --env-id Hopper --level expert"),
         (["--env-id", "Walker2d"], "python datasets/make_dataset.py generate --env-id Walker2d --level medium"),

@@ -153,7 +153,7 @@ def test_end_to_end_regenerates_then_reuses_the_dataset(minari_root, tmp_path):
         "--num-iterations", "10", "--warmup-iterations", "5", "--eval-every", "100", "--log-every", "5",
         "--eval-episodes", "2", "--num-envs", "4", "--num-candidates", "4", "--exploit-steps", "3",
         "--explore-steps", "3", "--online-rounds", "1", "--episodes-per-round", "4", "--online-iterations", "5",
-        "--analysis-episodes", "8", "--inner-blocks", "2",
+        "--analysis-episodes", "8", "--inner-blocks", "2", "--save-model",
     ]  # fmt: skip
     script = os.path.join(ROOT, "gac_maze2d.py")
     env = os.environ | {"MINARI_DATASETS_PATH": str(tmp_path / "datasets")}
@@ -170,10 +170,17 @@ def test_end_to_end_regenerates_then_reuses_the_dataset(minari_root, tmp_path):
     assert 0.0 <= metrics["analysis"]["offline"]["path_efficiency"] <= 1.0
     for name in ["success_by_start_cell_offline.png", "plan_map_round_1.png", "inference_dynamics_10.png"]:
         assert (run_dir / name).exists(), name
-    second = subprocess.run([sys.executable, script, *flags, "--online-rounds", "0"], cwd=tmp_path,
+    assert (run_dir / "offline.pt").exists() and (run_dir / "checkpoint.pt").exists()
+    # the prior ablation from the same offline model, on the cached dataset
+    prior = [*flags, "--online-rounds", "0", "--exploit-steps", "0", "--num-candidates", "1", "--exp-name", "prior"]
+    second = subprocess.run([sys.executable, script, *prior, "--init-from", str(run_dir)], cwd=tmp_path,
                             capture_output=True, text=True, env=env)  # fmt: skip
     assert second.returncode == 0, second.stderr[-3000:]
     assert "REGENERATING" not in second.stdout and "using gac-regenerated/pointmaze/umaze-3000steps-v2" in second.stdout
+    (prior_dir,) = (tmp_path / "runs").glob("*__prior__*")
+    metrics = json.load(open(prior_dir / "metrics.json"))
+    assert metrics["init_from"]["path"] == str(run_dir / "offline.pt") and metrics["timings_s"]["offline_training"] == 0
+    assert [e["iteration"] for e in metrics["evaluations"]] == [10] and "offline" in metrics["analysis"]
 
 
 def test_bad_input_gets_one_line(tmp_path):
