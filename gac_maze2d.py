@@ -13,8 +13,10 @@ Minari's published recipe.
 
 import contextlib
 import glob
+import hashlib
 import json
 import math
+import multiprocessing
 import os
 import random
 import shlex
@@ -24,6 +26,7 @@ import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 
 import gymnasium as gym
@@ -71,7 +74,9 @@ class Args:
     """steps of a regenerated dataset (when the Minari one is neither local nor downloadable)"""
     training_return: str = "hindsight"
     """what a training trajectory's y means: hindsight (the evaluation return of reaching its goal when it did and
-    staying) or dataset (the stored rewards: 1 for every goal-to-goal episode)"""
+    staying), hold (the same made real: each episode continued to the evaluation horizon by the recipe's controller
+    holding at its goal, simulated, and y its rewards summed) or dataset (the stored rewards: 1 for every
+    goal-to-goal episode)"""
 
     # Model
     d_model: int = 128
@@ -219,8 +224,8 @@ def check_args(args: Args):
         fail(f"--dropout must be in [0, 1), got {args.dropout}")
     if args.d_model % args.n_head:
         fail(f"--d-model ({args.d_model}) must be divisible by --n-head ({args.n_head})")
-    if args.training_return not in ("hindsight", "dataset"):
-        fail(f"--training-return must be hindsight or dataset, got {args.training_return!r}")
+    if args.training_return not in ("hindsight", "hold", "dataset"):
+        fail(f"--training-return must be hindsight, hold or dataset, got {args.training_return!r}")
     if args.dataset_steps < 1000:
         fail(f"--dataset-steps must be at least 1000, got {args.dataset_steps}")
     if args.n_return_tokens >= args.n_latent:
@@ -442,17 +447,20 @@ def flatten_observation(obs: dict) -> np.ndarray:
 
 
 def read_episodes(dataset: minari.MinariDataset, cache: bool = True) -> dict:
-    """Flattened states s_0..s_{T-1}, actions, rewards and whether each episode reached its goal, cached next to
-    the dataset as .npz so a second run starts in about a second.
+    """Flattened states s_0..s_{T-1}, actions, rewards, each episode's final state s_T and whether it reached its
+    goal, cached next to the dataset as .npz so a second run starts in about a second.
 
     Minari's PointMaze episodes run goal to goal, and their first observation still shows the previous goal (the
     goal moves on the step it is reached): every state of an episode is given the goal the episode ends at."""
-    path = os.path.join(minari.storage.get_dataset_path(dataset.spec.dataset_id), "gac_maze2d_cache.npz")
+    folder = minari.storage.get_dataset_path(dataset.spec.dataset_id)
+    path = os.path.join(folder, "gac_maze2d_cache.npz")
+    source = [dataset.total_steps, os.path.getmtime(os.path.join(folder, "data"))]  # a rewritten dataset: a new cache
     if cache and os.path.exists(path):
         data = np.load(path)
-        if int(data["total_steps"]) == dataset.total_steps:
-            return {key: data[key] for key in ["states", "actions", "rewards", "lengths", "reached_goal"]}
-    states, actions, rewards, reached_goal = [], [], [], []
+        keys = ["states", "actions", "rewards", "lengths", "reached_goal", "final_states"]
+        if "source" in data.files and data["source"].tolist() == source and set(keys) <= set(data.files):
+            return {key: data[key] for key in keys}
+    states, actions, rewards, reached_goal, final_states = [], [], [], [], []
     for episode in dataset.iterate_episodes():
         if len(episode.actions) == 0:
             continue
@@ -460,16 +468,86 @@ def read_episodes(dataset: minari.MinariDataset, cache: bool = True) -> dict:
         final_goal = obs["desired_goal"][-1]
         reached_goal.append(np.linalg.norm(obs["achieved_goal"][-1] - final_goal) <= GOAL_RADIUS)
         obs["desired_goal"] = np.broadcast_to(final_goal, obs["desired_goal"].shape)
-        states.append(flatten_observation(obs)[:-1])
+        flat = flatten_observation(obs)
+        states.append(flat[:-1])
+        final_states.append(flat[-1])
         actions.append(np.asarray(episode.actions, dtype=np.float32))
         rewards.append(np.asarray(episode.rewards, dtype=np.float64))
     lengths = np.array([len(a) for a in actions])
     data = {"states": np.concatenate(states), "actions": np.concatenate(actions), "rewards": np.concatenate(rewards),
-            "lengths": lengths, "reached_goal": np.array(reached_goal)}  # fmt: skip
+            "lengths": lengths, "reached_goal": np.array(reached_goal),
+            "final_states": np.array(final_states)}  # fmt: skip
     if cache:
-        np.savez(path + ".tmp.npz", total_steps=dataset.total_steps, **data)
+        np.savez(path + ".tmp.npz", source=source, **data)
         os.replace(path + ".tmp.npz", path)
     return data
+
+
+def hold_at_goals(data: dict, maze: str, horizon: int, cache_dir: str | None = None, workers: int = 0) -> dict:
+    """The episodes continued to the evaluation horizon: from each episode's final state (it has just reached its
+    goal), the recipe's controller with its N(0, 0.5^2) action noise holds at the episode's goal for the remaining
+    horizon - length steps, simulated on a maze whose goal does not move, rewards included. The recipe's data
+    never stay at a goal (it moves on arrival); the evaluation rewards nothing else. Episodes that did not reach
+    their goal within the horizon are kept as they are. Simulated in 64 seeded chunks over `workers` processes (0:
+    one per CPU core; the result does not depend on their number) and cached in cache_dir as .npz."""
+    path = cache_dir and os.path.join(cache_dir, f"gac_maze2d_hold_{horizon}_cache.npz")
+    source = hashlib.sha1(data["lengths"].tobytes() + data["final_states"].tobytes()).hexdigest()  # these episodes
+    if path and os.path.exists(path):
+        cached = np.load(path)
+        if str(cached["source"]) == source:
+            return {key: cached[key] for key in ["states", "actions", "rewards", "lengths", "reached_goal"]}
+    held = np.flatnonzero(data["reached_goal"] & (data["lengths"] < horizon))
+    chunks = [chunk for chunk in np.array_split(held, 64) if len(chunk)]
+    jobs = [
+        (maze, horizon, data["final_states"][c], horizon - data["lengths"][c], 123 + i) for i, c in enumerate(chunks)
+    ]
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if (horizon - data["lengths"][held]).sum() < 100_000:
+        workers = 1  # starting processes would take longer than the simulation
+    parts = {key: split_episodes(data[key], data["lengths"]) for key in ["states", "actions", "rewards"]}
+    with progress_bar() as progress, contextlib.ExitStack() as stack:
+        task = progress.add_task(f"simulating holds at the goals, {workers} worker(s)", total=len(held), info="")
+        if workers > 1:
+            pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
+            results = pool.map(simulate_holds, *zip(*jobs, strict=True))
+        else:
+            results = (simulate_holds(*job) for job in jobs)
+        for chunk, result in zip(chunks, results, strict=True):
+            for episode, hold in zip(chunk, result, strict=True):
+                for key, new in zip(["states", "actions", "rewards"], hold, strict=True):
+                    parts[key][episode] = np.concatenate([parts[key][episode], new.astype(parts[key][episode].dtype)])
+            progress.advance(task, len(chunk))
+    held_data = {key: np.concatenate(value) for key, value in parts.items()}
+    lengths = np.array([len(a) for a in parts["actions"]])
+    held_data |= {"lengths": lengths, "reached_goal": data["reached_goal"]}
+    if path:
+        np.savez(path + ".tmp.npz", source=source, **held_data)
+        os.replace(path + ".tmp.npz", path)
+    return held_data
+
+
+def simulate_holds(maze: str, horizon: int, final_states: np.ndarray, hold_steps: np.ndarray, seed: int) -> list:
+    """hold_at_goals for one chunk of episodes: [(states, actions, rewards)] of each hold."""
+    env = maze_env(maze, evaluation=True, max_episode_steps=horizon).unwrapped  # continuing, the goal never moves
+    env.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    holds = []
+    for final, steps in zip(final_states.astype(np.float64), hold_steps, strict=True):
+        env.goal = final[4:6].copy()
+        env.update_target_site_pos()
+        env.point_env.set_state(final[:2], final[2:4])
+        controller = WaypointController(env.maze, rng)
+        obs = {"observation": final[:4], "achieved_goal": final[:2], "desired_goal": final[4:6]}
+        states, actions, rewards = [], [], []
+        for _ in range(steps):
+            action = np.clip(controller(obs) + rng.normal(0.0, 0.5, size=2), -1.0, 1.0)
+            states.append(flatten_observation(obs))
+            obs, reward, _, _, _ = env.step(action)
+            actions.append(action)
+            rewards.append(reward)
+        holds.append((np.array(states), np.array(actions), np.array(rewards)))
+    env.close()
+    return holds
 
 
 def split_episodes(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
@@ -482,10 +560,13 @@ def training_returns(rewards: list[np.ndarray], reached_goal: np.ndarray, horizo
     "hindsight" (default): the evaluation return of an agent that reached this episode's goal when the episode did
     and stayed there: horizon - length + 1 rewarded steps within the evaluation horizon (0 if it never arrives or
     arrives too late). The evaluation counts the steps spent at a fixed goal, so this ranks trajectories as the
-    evaluation does. "dataset": the sum of the stored rewards, which is 1 for every goal-to-goal episode with the
+    evaluation does. "hold": the rewards within the horizon of episodes continued by hold_at_goals, the evaluation
+    return itself. "dataset": the sum of the stored rewards, which is 1 for every goal-to-goal episode with the
     sparse reward and so says nothing about quality (kept to show that it matters)."""
     if kind == "dataset":
         return episode_returns(rewards)
+    if kind == "hold":
+        return episode_returns([r[:horizon] for r in rewards])
     lengths = np.array([len(r) for r in rewards])
     return np.where(reached_goal & (lengths <= horizon), horizon - lengths + 1, 0).astype(np.float64)
 
@@ -1226,11 +1307,14 @@ if __name__ == "__main__":
     if not isinstance(dataset.observation_space, gym.spaces.Dict):
         fail(f"{dataset_id} has {type(dataset.observation_space).__name__} observations; PointMaze has Dict ones")
     data = read_episodes(dataset)
+    horizon = env_spec.max_episode_steps
+    if args.training_return == "hold":
+        cache_dir = minari.storage.get_dataset_path(dataset_id)
+        data = hold_at_goals(data, args.env_id.lower(), horizon, cache_dir)
     dataset_states, dataset_actions = (
         split_episodes(data["states"], data["lengths"]),
         split_episodes(data["actions"], data["lengths"]),
     )
-    horizon = env_spec.max_episode_steps
     returns_raw = training_returns(
         split_episodes(data["rewards"], data["lengths"]), data["reached_goal"], horizon, args.training_return
     )

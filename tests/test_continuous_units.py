@@ -336,6 +336,29 @@ def test_active_latent_dims_sees_collapse():
 # ---- checkpoints ----
 
 
+def test_read_episodes_caches_and_notices_a_rewritten_dataset(minari_root):
+    import os
+
+    import minari
+    from tiny_datasets import make_tiny_hopper_dataset
+
+    dataset = make_tiny_hopper_dataset("test/hopper/cache-v0", episodes=3, seed=0)
+    fresh = gac.read_episodes(dataset, cache=False)
+    first, second = gac.read_episodes(dataset), gac.read_episodes(dataset)  # writes the cache, then reads it
+    for a, b, c in zip(fresh, first, second, strict=True):
+        assert len(a) == 3
+        for x, y, z in zip(a, b, c, strict=True):
+            np.testing.assert_array_equal(x, y)
+            np.testing.assert_array_equal(x, z)
+    folder = minari.storage.get_dataset_path("test/hopper/cache-v0")
+    path = os.path.join(folder, "gac_continuous_cache.npz")
+    cached = dict(np.load(path))
+    np.savez(path, **(cached | {"states": cached["states"] + 1}))  # a cache that differs from the data
+    assert gac.read_episodes(dataset)[0][0][0, 0] == fresh[0][0][0, 0] + 1  # it is what the next run reads
+    os.utime(os.path.join(folder, "data"), (1e9, 1e9))  # the dataset rewritten in place
+    np.testing.assert_array_equal(gac.read_episodes(dataset)[0][0], fresh[0][0])
+
+
 def test_checkpoint_round_trips_with_weights_only(tmp_path):
     model = tiny_model()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -113,6 +113,37 @@ def test_read_episodes_gives_each_state_its_episodes_goal_and_caches(tiny_maze_d
         np.testing.assert_array_equal(cached_second[key], data[key])
 
 
+def test_holds_continue_each_episode_at_its_goal_to_the_horizon(tiny_maze_dataset, tmp_path):
+    dataset = minari.load_dataset(tiny_maze_dataset)
+    data = gac.read_episodes(dataset, cache=False)
+    first = next(dataset.iterate_episodes())
+    np.testing.assert_allclose(data["final_states"][0][:4], first.observations["observation"][-1], rtol=1e-6)
+    held = gac.hold_at_goals(data, "umaze", 300, cache_dir=str(tmp_path))
+    lengths, reached = data["lengths"], data["reached_goal"]
+    extended = reached & (lengths < 300)
+    assert extended.sum() > 10 and not reached[-1]  # the trailing partial episode is kept as it is
+    np.testing.assert_array_equal(held["lengths"], np.where(extended, 300, lengths))
+    states = gac.split_episodes(held["states"], held["lengths"])
+    actions = gac.split_episodes(held["actions"], held["lengths"])
+    rewards = gac.split_episodes(held["rewards"], held["lengths"])
+    original = gac.split_episodes(data["states"], lengths)
+    for i in np.flatnonzero(extended):
+        np.testing.assert_array_equal(states[i][: lengths[i]], original[i])  # the episode itself, untouched
+        np.testing.assert_allclose(states[i][lengths[i]], data["final_states"][i], rtol=1e-6)  # then from s_T
+        np.testing.assert_array_equal(states[i][:, 4:6], np.broadcast_to(original[i][0, 4:6], (300, 2)))
+        assert np.abs(actions[i]).max() <= 1.0
+    # the controller holds: nearly every hold step is rewarded, and then the hold return is the hindsight one
+    hold_rewards = np.concatenate([rewards[i][lengths[i] :] for i in np.flatnonzero(extended)])
+    assert hold_rewards.mean() > 0.95
+    hindsight = gac.training_returns(gac.split_episodes(data["rewards"], lengths), reached, 300, "hindsight")
+    hold = gac.training_returns(rewards, held["reached_goal"], 300, "hold")
+    assert np.all(hold <= hindsight) and np.mean(hold == hindsight) > 0.9 and hold[extended].min() > 0
+    cached = gac.hold_at_goals(data, "umaze", 300, cache_dir=str(tmp_path))
+    assert os.path.exists(tmp_path / "gac_maze2d_hold_300_cache.npz")
+    for key in held:
+        np.testing.assert_array_equal(cached[key], held[key])
+
+
 def test_path_efficiency_and_novel_routes():
     env = gac.maze_env("umaze", evaluation=True, max_episode_steps=300)
     maze = env.unwrapped.maze
@@ -187,7 +218,7 @@ def test_bad_input_gets_one_line(tmp_path):
     script = os.path.join(ROOT, "gac_maze2d.py")
     for flags, expected in [
         (["--env-id", "huge"], "valid: umaze, medium, large"),
-        (["--training-return", "raw"], "--training-return must be hindsight or dataset"),
+        (["--training-return", "raw"], "--training-return must be hindsight, hold or dataset"),
     ]:
         result = subprocess.run([sys.executable, script, *flags], cwd=tmp_path, capture_output=True, text=True)
         lines = result.stderr.strip().splitlines()
