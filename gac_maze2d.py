@@ -494,7 +494,7 @@ def hold_at_goals(data: dict, maze: str, horizon: int, cache_dir: str | None = N
     source = hashlib.sha1(data["lengths"].tobytes() + data["final_states"].tobytes()).hexdigest()  # these episodes
     if path and os.path.exists(path):
         cached = np.load(path)
-        if str(cached["source"]) == source:
+        if "source" in cached.files and str(cached["source"]) == source:
             return {key: cached[key] for key in ["states", "actions", "rewards", "lengths", "reached_goal"]}
     held = np.flatnonzero(data["reached_goal"] & (data["lengths"] < horizon))
     chunks = [chunk for chunk in np.array_split(held, 64) if len(chunk)]
