@@ -143,6 +143,10 @@ class Args:
     """q: the target is y+ = quantile_q(buffer returns) + delta_y"""
     delta_y: float = 0.1
     """optimism of the target, in normalised-return units (0.1 = 10 normalised points)"""
+    target_from: str = "buffer"
+    """where the quantile of y+ is taken: buffer (the paper: the returns in the buffer, one y+ for every episode) or
+    prior (per episode: the prior predictive E[y | U(z0, s0)], z0 ~ N(0, I), at its own s0; where the start state
+    decides what is reachable, as on a maze, one y+ from the whole buffer is out of reach from far starts)"""
     fixed_target: float | None = None
     """ablation: condition exploration on this fixed y* (normalised units) instead of the dynamic y+"""
     explore_steps: int = 50
@@ -170,7 +174,8 @@ def fail(message: str):
 # the flags an --init-from run may set differently from the run that trained its offline model: they act after it
 AFTER_OFFLINE_FLAGS = """exp_name seed torch_deterministic cuda track wandb_project_name wandb_entity save_model resume
     init_from num_candidates exploit_steps exploit_lr exploit_kl_weight eval_episodes eval_every
-    online_rounds episodes_per_round online_iterations online_fraction quantile delta_y fixed_target explore_steps
+    online_rounds episodes_per_round online_iterations online_fraction quantile delta_y target_from fixed_target
+    explore_steps
     explore_lr num_envs async_envs checkpoint_every log_every""".split()
 
 
@@ -205,6 +210,8 @@ def check_args(args: Args):
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if args.time_embedding not in ("absolute", "block"):
         fail(f"--time-embedding must be absolute or block, got {args.time_embedding!r}")
+    if args.target_from not in ("buffer", "prior"):
+        fail(f"--target-from must be buffer or prior, got {args.target_from!r}")
     if not 0.0 <= args.quantile <= 1.0:
         fail(f"--quantile must be in [0, 1], got {args.quantile}")
     if not 0.0 <= args.online_fraction <= 1.0:
@@ -712,12 +719,23 @@ def exploration_target(buffer_y: torch.Tensor, quantile: float, delta_y: float) 
     return float(torch.quantile(buffer_y.double(), quantile)) + delta_y
 
 
-def explore_plans(model: GAC, s0: torch.Tensor, target_y: float, args: Args, autocast):
+@torch.no_grad()
+def prior_exploration_targets(model: GAC, s0: torch.Tensor, args: Args, autocast, samples: int = 256) -> torch.Tensor:
+    """Per initial state: y+ = quantile_q of E[y | U(z0, s0)] over `samples` plans z0 ~ N(0, I), + delta_y."""
+    n = s0.shape[0]
+    z0 = torch.randn(n * samples, args.n_latent, args.d_model, device=s0.device)
+    with autocast():
+        y_hat = model.predicted_return(z0, s0.repeat_interleave(samples, dim=0)).float()
+    return torch.quantile(y_hat.view(n, samples), args.quantile, dim=1) + args.delta_y
+
+
+def explore_plans(model: GAC, s0: torch.Tensor, target_y: float | torch.Tensor, args: Args, autocast):
     """Samples z0 ~ p(z0 | y+, s0) proportional to N(z0; 0, I) N(y+; E[y | z], sigma_y^2) by a short variational
-    fit (the same local inference as training). Returns (z0, mu, logvar) of each fitted posterior."""
+    fit (the same local inference as training); y+ is one number or one per state. Returns (z0, mu, logvar) of
+    each fitted posterior."""
     n = s0.shape[0]
     shape = (n, args.n_latent, args.d_model)
-    target = torch.full((n,), target_y, device=s0.device)
+    target = torch.as_tensor(target_y, device=s0.device, dtype=torch.float32).expand(n)
     log_std = torch.tensor(math.log(args.return_std), device=s0.device)
 
     def log_likelihood(z0):  # log p(y+ | z)
@@ -1181,12 +1199,18 @@ if __name__ == "__main__":
             quantile_y = float(torch.quantile(buffer.y.double(), args.quantile))
             if args.fixed_target is not None:
                 target_y = args.fixed_target  # ablation: a fixed y*
-            else:
+            elif args.target_from == "buffer":
                 target_y = exploration_target(buffer.y, args.quantile, args.delta_y)
+            else:
+                target_y = None  # one per episode, from its own s0
 
             def choose_plan(s0, target_y=target_y):
-                z0, _, logvar = explore_plans(model, s0, target_y, args, autocast)
-                return z0, {"logvar": logvar}
+                if target_y is None:
+                    target = prior_exploration_targets(model, s0, args, autocast)
+                else:
+                    target = torch.full((s0.shape[0],), target_y, device=s0.device)
+                z0, _, logvar = explore_plans(model, s0, target, args, autocast)
+                return z0, {"logvar": logvar, "target_y": target}
 
             episodes = rollout(
                 envs,
@@ -1197,8 +1221,10 @@ if __name__ == "__main__":
                 args,
                 seed=args.seed + 20_000 + round_index,
                 autocast=autocast,
-                description=f"round {round_index + 1}: explore (y+ = {100 * target_y:.1f})",
+                description=f"round {round_index + 1}: explore"
+                + (f" (y+ = {100 * target_y:.1f})" if target_y is not None else " (y+ per start)"),
             )
+            target_y = float(torch.stack([p["target_y"] for p in episodes["plan"]]).mean())  # per-episode ones: mean
             new_returns = np.array(episodes["returns_raw"])
             new_y = normalize_returns(new_returns, ref_min, ref_max)
             buffer = buffer.append(

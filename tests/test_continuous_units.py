@@ -233,6 +233,35 @@ def test_exploration_plans_move_the_prediction_towards_the_target():
     assert error_after < (prior_prediction - target).abs().mean()
 
 
+def test_prior_targets_are_per_state_quantiles_of_the_prior_predictive():
+    model = tiny_model().eval()
+    s0 = torch.randn(5, 3) * 3
+    args = tiny_args(quantile=0.8, delta_y=0.1)
+    torch.manual_seed(3)
+    targets = gac.prior_exploration_targets(model, s0, args, gac_nullcontext, samples=64)
+    torch.manual_seed(3)
+    z0 = torch.randn(5 * 64, 3, 16)
+    with torch.no_grad():
+        y_hat = model.predicted_return(z0, s0.repeat_interleave(64, dim=0)).view(5, 64)
+    for i in range(5):  # row i holds the 64 plans of state i
+        assert targets[i].item() == pytest.approx(np.quantile(y_hat[i].numpy(), 0.8) + 0.1, abs=1e-5)
+    assert targets.std() > 0  # the start state matters to this model, so the targets differ
+
+
+def test_exploration_plans_follow_a_target_per_state():
+    model = tiny_model().eval()
+    s0 = torch.randn(16, 3)
+    with torch.no_grad():
+        prior_prediction = model.predicted_return(torch.randn(16, 3, 16), s0)
+    spread = prior_prediction.std()
+    target = prior_prediction.mean() + torch.where(torch.arange(16) < 8, -spread, spread)
+    args = tiny_args(explore_steps=60, explore_lr=0.1, return_std=0.01)
+    z0, _, _ = gac.explore_plans(model, s0, target, args, gac_nullcontext)
+    with torch.no_grad():
+        reached = model.predicted_return(z0, s0)
+    assert reached[8:].mean() - reached[:8].mean() > spread  # low targets low, high targets high
+
+
 def test_train_iteration_fills_the_local_posteriors_and_returns_every_term():
     torch.manual_seed(0)
     model = tiny_model(max_len=8)

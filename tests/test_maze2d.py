@@ -184,7 +184,7 @@ def test_end_to_end_regenerates_then_reuses_the_dataset(minari_root, tmp_path):
         "--num-iterations", "10", "--warmup-iterations", "5", "--eval-every", "100", "--log-every", "5",
         "--eval-episodes", "2", "--num-envs", "4", "--num-candidates", "4", "--exploit-steps", "3",
         "--explore-steps", "3", "--online-rounds", "1", "--episodes-per-round", "4", "--online-iterations", "5",
-        "--analysis-episodes", "8", "--inner-blocks", "2", "--save-model",
+        "--analysis-episodes", "8", "--inner-blocks", "2", "--save-model", "--target-from", "prior",
     ]  # fmt: skip
     script = os.path.join(ROOT, "gac_maze2d.py")
     env = os.environ | {"MINARI_DATASETS_PATH": str(tmp_path / "datasets")}
