@@ -69,8 +69,8 @@ write_jobs() {
     [[ -z "$ONLY" || "$row" == *"$ONLY"* ]] || continue  # a substring of the row: maze2d, Hopper, "--env-id umaze"
     if [[ "$script" == gac_maze2d.py ]]; then
       maze=$(sed -E 's/.*--env-id ([a-z]+).*/\1/' <<<"$data")
-      steps=$(grep -oE -- '--dataset-steps [0-9]+' <<<"${EXTRA[*]:-}" | awk '{print $2}' || true)
-      echo "python -c \"import gac_maze2d as g; a = g.Args(env_id='$maze', dataset_steps=${steps:-1000000}); g.read_episodes(g.find_or_regenerate(a, g.resolve_dataset_id(a))[0])\"" >>"$OUT/prepare.txt"
+      # the runs' own flags decide the data (--dataset-steps, --training-return hold, ...): made and cached once
+      echo "python -c \"import sys, gac_maze2d as g; g.load_training_data(g.tyro.cli(g.Args, args=sys.argv[1:]))\" --env-id $maze ${EXTRA[*]:-}" >>"$OUT/prepare.txt"
     elif [[ "$data" =~ --env-id\ ([A-Za-z0-9]+)\ --dataset\ d4rl-([a-z-]+) ]]; then
       env=${BASH_REMATCH[1]}
       level=${BASH_REMATCH[2]}

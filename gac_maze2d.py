@@ -447,6 +447,24 @@ def find_or_regenerate(args: Args, dataset_id: str) -> tuple[minari.MinariDatase
     return load_minari_dataset(dataset_id), dataset_id
 
 
+def load_training_data(args: Args) -> tuple[minari.MinariDataset, str, gym.envs.registration.EnvSpec, dict]:
+    """The dataset (local, downloaded or regenerated), its id, its evaluation environment's spec and its episodes
+    as training reads them (read_episodes, then hold_at_goals with --training-return hold). benchmark.sh calls it
+    once before the runs that share the data."""
+    dataset, dataset_id = find_or_regenerate(args, resolve_dataset_id(args))
+    eval_env = dataset.recover_environment(eval_env=True)
+    env_spec = eval_env.spec
+    remove_maze_xml(eval_env)
+    eval_env.close()
+    if not isinstance(dataset.observation_space, gym.spaces.Dict):
+        fail(f"{dataset_id} has {type(dataset.observation_space).__name__} observations; PointMaze has Dict ones")
+    data = read_episodes(dataset)
+    if args.training_return == "hold":
+        cache_dir = minari.storage.get_dataset_path(dataset_id)
+        data = hold_at_goals(data, args.env_id.lower(), env_spec.max_episode_steps, cache_dir)
+    return dataset, dataset_id, env_spec, data
+
+
 def flatten_observation(obs: dict) -> np.ndarray:
     """Dict observation -> [x, y, vx, vy, goal_x, goal_y]: `observation` then `desired_goal` (achieved_goal is the
     position again). Works on one observation or on arrays of them."""
@@ -1297,7 +1315,6 @@ if __name__ == "__main__":
     init_path, init_checkpoint = None, None
     if args.init_from and checkpoint is None:  # a resumed --init-from run continues from its own checkpoint
         init_path, init_checkpoint = load_offline_checkpoint(args.init_from, args)
-    dataset_id = resolve_dataset_id(args)
     timings = {
         "data_loading": 0.0,
         "offline_training": 0.0,
@@ -1317,18 +1334,8 @@ if __name__ == "__main__":
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # ---- data ----
-    dataset, dataset_id = find_or_regenerate(args, dataset_id)
-    eval_env = dataset.recover_environment(eval_env=True)
-    env_spec = eval_env.spec
-    remove_maze_xml(eval_env)
-    eval_env.close()
-    if not isinstance(dataset.observation_space, gym.spaces.Dict):
-        fail(f"{dataset_id} has {type(dataset.observation_space).__name__} observations; PointMaze has Dict ones")
-    data = read_episodes(dataset)
+    dataset, dataset_id, env_spec, data = load_training_data(args)
     horizon = env_spec.max_episode_steps
-    if args.training_return == "hold":
-        cache_dir = minari.storage.get_dataset_path(dataset_id)
-        data = hold_at_goals(data, args.env_id.lower(), horizon, cache_dir)
     dataset_states, dataset_actions = (
         split_episodes(data["states"], data["lengths"]),
         split_episodes(data["actions"], data["lengths"]),

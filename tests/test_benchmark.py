@@ -19,7 +19,7 @@ def test_dry_run_lists_every_script_dataset_variant_and_seed():
         assert variants.count("--init-from $dir") == 3 and variants.count(" & ") == 3
         assert "--exploit-steps 0 --num-candidates 1" in variants and "--fixed-target 1.0" in variants
     assert sum("--seed 2 --exp-name bench-gac " in job for job in jobs) == 3
-    assert sum("find_or_regenerate" in line for line in result.stdout.splitlines()) == 2  # umaze, medium once
+    assert sum("load_training_data" in line for line in result.stdout.splitlines()) == 2  # umaze, medium once
     assert "python datasets/make_dataset.py generate --env-id Hopper --level medium --workers" in result.stdout
     # flags after -- reach every run, but never undo a variant's own
     result = subprocess.run(["bash", os.path.join(ROOT, "benchmark.sh"), "--dry-run", "--out", "/tmp/gac_bench_dry",
