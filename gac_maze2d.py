@@ -72,11 +72,11 @@ class Args:
     """any Minari PointMaze dataset id, local or remote (its maze must match --env-id)"""
     dataset_steps: int = 1_000_000
     """steps of a regenerated dataset (when the Minari one is neither local nor downloadable)"""
-    training_return: str = "hindsight"
-    """what a training trajectory's y means: hindsight (the evaluation return of reaching its goal when it did and
-    staying), hold (the same made real: each episode continued to the evaluation horizon by the recipe's controller
-    holding at its goal, simulated, and y its rewards summed) or dataset (the stored rewards: 1 for every
-    goal-to-goal episode)"""
+    training_return: str = "hold"
+    """what a training trajectory's y means: hold (each episode continued to the evaluation horizon by the recipe's
+    controller holding at its goal, simulated once and cached, and y its rewards summed: the evaluation's return),
+    hindsight (the same y without the hold steps: reaching the goal when the episode did and then staying is
+    assumed, not shown) or dataset (the stored rewards: 1 for every goal-to-goal episode)"""
 
     # Model
     d_model: int = 128
@@ -582,12 +582,12 @@ def split_episodes(flat: np.ndarray, lengths: np.ndarray) -> list[np.ndarray]:
 def training_returns(rewards: list[np.ndarray], reached_goal: np.ndarray, horizon: int, kind: str) -> np.ndarray:
     """What a training trajectory's return y means.
 
-    "hindsight" (default): the evaluation return of an agent that reached this episode's goal when the episode did
-    and stayed there: horizon - length + 1 rewarded steps within the evaluation horizon (0 if it never arrives or
-    arrives too late). The evaluation counts the steps spent at a fixed goal, so this ranks trajectories as the
-    evaluation does. "hold": the rewards within the horizon of episodes continued by hold_at_goals, the evaluation
-    return itself. "dataset": the sum of the stored rewards, which is 1 for every goal-to-goal episode with the
-    sparse reward and so says nothing about quality (kept to show that it matters)."""
+    "hold" (default): the rewards within the horizon of episodes continued by hold_at_goals, the evaluation return
+    itself. "hindsight": the evaluation return of an agent that reached this episode's goal when the episode did and
+    stayed there: horizon - length + 1 rewarded steps within the evaluation horizon (0 if it never arrives or
+    arrives too late); it ranks trajectories as the evaluation does, but the data never show the staying.
+    "dataset": the sum of the stored rewards, which is 1 for every goal-to-goal episode with the sparse reward and
+    so says nothing about quality (kept to show that it matters)."""
     if kind == "dataset":
         return episode_returns(rewards)
     if kind == "hold":
