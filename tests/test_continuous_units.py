@@ -282,7 +282,8 @@ def test_train_iteration_fills_the_local_posteriors_and_returns_every_term():
                 "losses/kl_free_bits", "losses/elbo", "charts/posterior_std", "charts/tokens"}  # fmt: skip
     assert set(losses) == expected
     assert all(torch.isfinite(torch.as_tensor(v)) for v in losses.values())
-    assert losses["losses/kl_free_bits"] >= losses["losses/kl"] - 1e-5
+    kl = float(losses["losses/kl"])
+    assert float(losses["losses/kl_free_bits"]) >= kl - 1e-5 * max(1.0, abs(kl))  # float32 sums of ~100
     assert mu.abs().sum() > 0  # the batch's posteriors moved and were written back
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
