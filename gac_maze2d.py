@@ -183,11 +183,10 @@ def fail(message: str):
 
 
 # the flags an --init-from run may set differently from the run that trained its offline model: they act after it
-AFTER_OFFLINE_FLAGS = """exp_name seed torch_deterministic cuda track wandb_project_name wandb_entity save_model resume
-    init_from num_candidates exploit_steps exploit_lr exploit_kl_weight eval_episodes eval_every analysis_episodes
-    online_rounds episodes_per_round online_iterations online_fraction quantile delta_y target_from fixed_target
-    explore_steps
-    explore_lr num_envs async_envs checkpoint_every log_every""".split()
+AFTER_OFFLINE_FLAGS = """exp_name seed torch_deterministic cuda track wandb_project_name wandb_entity save_model
+    resume init_from num_candidates exploit_steps exploit_lr exploit_kl_weight eval_episodes eval_every
+    analysis_episodes online_rounds episodes_per_round online_iterations online_fraction quantile delta_y
+    target_from fixed_target explore_steps explore_lr num_envs async_envs checkpoint_every log_every""".split()
 
 
 def load_offline_checkpoint(init_from: str, args: Args) -> tuple[str, dict]:
