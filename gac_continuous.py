@@ -16,6 +16,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import sys
 import time
@@ -1045,12 +1046,12 @@ if __name__ == "__main__":
     table = "\n".join(f"|{key}|{value}|" for key, value in (vars(args) | provenance).items())
     writer.add_text("hyperparameters", f"|param|value|\n|-|-|\n{table}")
 
-    def checkpoint_now(round_index: int, name: str = "checkpoint.pt"):
+    def checkpoint_now(round_index: int):
         if not args.save_model:
             return
         online = {k: v[n_offline:].cpu() for k, v in asdict(buffer).items()}
         save_checkpoint(
-            os.path.join(run_dir, name),
+            os.path.join(run_dir, "checkpoint.pt"),
             {
                 "model": model.state_dict(),
                 "optimizer": optimizer.state_dict(),
@@ -1189,8 +1190,9 @@ if __name__ == "__main__":
         if "offline" not in metrics:
             metrics["offline"], _ = evaluate("offline", args.eval_episodes)
             checkpoint_now(0)
-            if not args.init_from:
-                checkpoint_now(0, "offline.pt")  # what --init-from runs start from
+            if args.save_model and not args.init_from:  # what --init-from runs start from
+                shutil.copyfile(os.path.join(run_dir, "checkpoint.pt"), os.path.join(run_dir, "offline.pt.tmp"))
+                os.replace(os.path.join(run_dir, "offline.pt.tmp"), os.path.join(run_dir, "offline.pt"))
 
         # ---- online: rounds of exploration with optimistic targets, training, exploitation ----
         for round_index in range(start_round, args.online_rounds):
