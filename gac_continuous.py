@@ -754,15 +754,33 @@ def explore_plans(model: GAC, s0: torch.Tensor, target_y: float | torch.Tensor, 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-    )
+class ProgressBar(Progress):
+    """rich's progress bar. Where the output is not a terminal (a log file, a cluster job) rich draws nothing until
+    the loop ends, so there the bar's line is printed once a minute instead."""
+
+    def __init__(self, every_s: float = 60.0):
+        super().__init__(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        self.every_s, self.printed = every_s, time.monotonic()
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self.print_to_log()
+
+    def update(self, task_id, **changes) -> None:
+        super().update(task_id, **changes)
+        self.print_to_log()
+
+    def print_to_log(self) -> None:
+        if not self.console.is_terminal and time.monotonic() - self.printed >= self.every_s:
+            self.printed = time.monotonic()
+            self.console.print(self.make_tasks_table(self.tasks))
 
 
 @torch.no_grad()
@@ -812,7 +830,7 @@ def rollout(
     current_plan = [{"z0": z0[i]} | {key: value[i] for key, value in plan_info.items()} for i in range(N)]
     low, high = envs.single_action_space.low, envs.single_action_space.high
 
-    with progress_bar() as progress:
+    with ProgressBar() as progress:
         task = progress.add_task(description, total=num_episodes, info="")
         while (finished < quota).any():
             slot = torch.as_tensor(t % K, device=device)
@@ -1144,7 +1162,7 @@ if __name__ == "__main__":
         global iteration
         last_log = time.time()
         tokens = 0.0  # a tensor once training runs: summed on the device, read when logged
-        with progress_bar() as progress:
+        with ProgressBar() as progress:
             task = progress.add_task(description, total=num_iterations, info="")
             for _ in range(num_iterations):
                 start = time.time()

@@ -389,7 +389,7 @@ def regenerate_dataset(maze: str, steps: int, dataset_id: str) -> minari.MinariD
     obs, _ = env.reset(seed=123)
     observations = {key: [value] for key, value in obs.items()}
     actions, rewards, successes = [], [], []
-    with progress_bar() as progress:
+    with ProgressBar() as progress:
         task = progress.add_task(f"regenerating {dataset_id}", total=steps, info="")
         for step in range(steps):
             action = np.clip(controller(obs) + rng.normal(0.0, 0.5, size=2), -1.0, 1.0)
@@ -530,7 +530,7 @@ def hold_at_goals(data: dict, maze: str, horizon: int, cache_dir: str | None = N
     if (horizon - data["lengths"][held]).sum() < 100_000:
         workers = 1  # starting processes would take longer than the simulation
     parts = {key: split_episodes(data[key], data["lengths"]) for key in ["states", "actions", "rewards"]}
-    with progress_bar() as progress, contextlib.ExitStack() as stack:
+    with ProgressBar() as progress, contextlib.ExitStack() as stack:
         task = progress.add_task(f"simulating holds at the goals, {workers} worker(s)", total=len(held), info="")
         if workers > 1:
             pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
@@ -1041,15 +1041,33 @@ def explore_plans(model: GAC, s0: torch.Tensor, target_y: float | torch.Tensor, 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        TextColumn("{task.fields[info]}"),
-    )
+class ProgressBar(Progress):
+    """rich's progress bar. Where the output is not a terminal (a log file, a cluster job) rich draws nothing until
+    the loop ends, so there the bar's line is printed once a minute instead."""
+
+    def __init__(self, every_s: float = 60.0):
+        super().__init__(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+        )
+        self.every_s, self.printed = every_s, time.monotonic()
+
+    def advance(self, task_id, advance: float = 1) -> None:
+        super().advance(task_id, advance)
+        self.print_to_log()
+
+    def update(self, task_id, **changes) -> None:
+        super().update(task_id, **changes)
+        self.print_to_log()
+
+    def print_to_log(self) -> None:
+        if not self.console.is_terminal and time.monotonic() - self.printed >= self.every_s:
+            self.printed = time.monotonic()
+            self.console.print(self.make_tasks_table(self.tasks))
 
 
 @torch.no_grad()
@@ -1099,7 +1117,7 @@ def rollout(
     current_plan = [{"z0": z0[i]} | {key: value[i] for key, value in plan_info.items()} for i in range(N)]
     low, high = envs.single_action_space.low, envs.single_action_space.high
 
-    with progress_bar() as progress:
+    with ProgressBar() as progress:
         task = progress.add_task(description, total=num_episodes, info="")
         while (finished < quota).any():
             slot = torch.as_tensor(t % K, device=device)
@@ -1599,7 +1617,7 @@ if __name__ == "__main__":
         global iteration
         last_log = time.time()
         tokens = 0.0  # a tensor once training runs: summed on the device, read when logged
-        with progress_bar() as progress:
+        with ProgressBar() as progress:
             task = progress.add_task(description, total=num_iterations, info="")
             for _ in range(num_iterations):
                 start = time.time()

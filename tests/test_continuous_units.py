@@ -458,3 +458,13 @@ def test_a_bad_flag_and_an_unknown_env_end_with_one_line():
         gac.resolve_dataset_id(gac.Args(env_id="Pendulum"))
     assert gac.resolve_dataset_id(gac.Args(env_id="walker2d", dataset="expert")) == "mujoco/walker2d/expert-v0"
     assert math.isfinite(gac.LOG_SQRT_2PI)
+
+
+def test_progress_bar_writes_its_line_to_a_log_before_the_loop_ends(capsys):
+    """Redirected output (a cluster job's log) is not a terminal: rich alone would print nothing until the end."""
+    with gac.ProgressBar(every_s=0.0) as progress:
+        task = progress.add_task("offline training", total=4, info="")
+        progress.advance(task)
+        progress.update(task, info="elbo 12.5")
+        during = capsys.readouterr().out
+    assert "offline training" in during and "1/4" in during and "elbo 12.5" in during
