@@ -296,17 +296,20 @@ def setup(**overrides):
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     mu = torch.zeros(N, args.n_latent, args.d_model, device=device)
     logvar = torch.full_like(mu, -5.0)
-    gen = torch.Generator(device=device).manual_seed(0)
-    return args, model, buffer, opt, sched, mu, logvar, gen
+    gens = torch.Generator().manual_seed(1), torch.Generator(device=device).manual_seed(0)  # sampler, generator
+    return args, model, buffer, opt, sched, mu, logvar, gens
 
 
-def train_speed(label, compile_model=False, **overrides):
-    args, model, buffer, opt, sched, mu, logvar, gen = setup(**overrides)
+def train_speed(label, compile_model=False, wait=False, **overrides):
+    args, model, buffer, opt, sched, mu, logvar, gens = setup(**overrides)
     if compile_model:
         model.generator = torch.compile(model.generator)
         model.prior = torch.compile(model.prior)
     def step():
-        return g.train_iteration(model, opt, sched, buffer, N, mu, logvar, args, gen, autocast)
+        losses = g.train_iteration(model, opt, sched, buffer, N, mu, logvar, args, *gens, autocast)
+        if wait and device.type == "cuda":  # the host waits for the device after every update
+            torch.cuda.synchronize()
+        return losses
     t0 = time.time()
     for _ in range(3):
         step()
@@ -357,6 +360,7 @@ def act_speed(num_envs=50):
 
 act_speed()
 train_speed("default (batch 64, 3 inner steps, bf16)")
+train_speed("the host waiting for the device after each update", wait=True)
 train_speed("no inner steps", inner_steps=0)
 train_speed("inner steps on 8 random blocks (--inner-blocks 8)", inner_blocks=8)
 train_speed("batch 256", batch_size=256)

@@ -633,13 +633,18 @@ class StateNormalizer:
 
 @dataclass
 class TrajectoryBuffer:
-    """Whole trajectories, right-padded to a common length that is a multiple of the context; all on the device."""
+    """Whole trajectories, right-padded to a common length that is a multiple of the context; all on the device but
+    the lengths, which stay on the CPU: batches are drawn there, so that the host knows a batch's shape (its longest
+    trajectory) without waiting for the device to finish its queue."""
 
     states: torch.Tensor  # [N, T, obs_dim], normalised, zero after the end
     actions: torch.Tensor  # [N, T, act_dim], zero after the end
-    lengths: torch.Tensor  # [N]
+    lengths: torch.Tensor  # [N], on the CPU
     returns_raw: torch.Tensor  # [N] return in evaluation units (see training_returns)
     y: torch.Tensor  # [N] normalised return (normalised score / 100)
+
+    def __post_init__(self):
+        self.lengths = self.lengths.cpu()
 
     def __len__(self):
         return self.lengths.shape[0]
@@ -836,8 +841,9 @@ class GAC(nn.Module):
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 
 
-def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor) -> torch.Tensor:
-    return -0.5 * ((x - mean) / log_std.exp()) ** 2 - log_std - LOG_SQRT_2PI
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, log_std: torch.Tensor | float) -> torch.Tensor:
+    std = log_std.exp() if isinstance(log_std, torch.Tensor) else math.exp(log_std)
+    return -0.5 * ((x - mean) / std) ** 2 - log_std - LOG_SQRT_2PI
 
 
 def gaussian_kl(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -857,7 +863,7 @@ def log_likelihoods(model: GAC, z0, s0, states, actions, timesteps, mask, y, ret
     log_std = model.generator.action_log_std.clamp(min=-5.0)
     action_ll = (gaussian_log_prob(actions, action_mean, log_std).sum(-1) * mask).sum(1)
     y_hat = model.expected_return(return_tokens)
-    return_ll = gaussian_log_prob(y, y_hat, torch.tensor(math.log(return_std), device=y.device))
+    return_ll = gaussian_log_prob(y, y_hat, math.log(return_std))
     return action_ll, return_ll, y_hat
 
 
@@ -880,12 +886,12 @@ def active_latent_dims(posterior_mu: torch.Tensor, threshold: float = 0.01) -> i
     return int((posterior_mu.flatten(1).var(0) > threshold).sum())
 
 
-def sample_blocks(lengths: torch.Tensor, context_len: int, n_blocks: int, generator: torch.Generator):
+def sample_blocks(lengths: torch.Tensor, context_len: int, max_blocks: int, n_blocks: int, generator: torch.Generator):
     """For the inner steps: n_blocks context blocks of each trajectory, uniformly without replacement among its
     valid blocks, and the weight (valid blocks / valid blocks drawn) that makes the sum of their log-likelihoods
-    an unbiased estimate of the whole trajectory's. Returns (block index [B, n], weight [B])."""
+    an unbiased estimate of the whole trajectory's. `max_blocks`: the longest trajectory's blocks (known on the
+    host). Returns (block index [B, n], weight [B])."""
     valid = torch.div(lengths + context_len - 1, context_len, rounding_mode="floor")
-    max_blocks = int(valid.max())
     keys = torch.rand(len(lengths), max_blocks, device=lengths.device, generator=generator)
     keys = keys.masked_fill(torch.arange(max_blocks, device=lengths.device) >= valid[:, None], 2.0)  # invalid last
     index = keys.argsort(1)[:, : min(n_blocks, max_blocks)]
@@ -910,14 +916,23 @@ def sample_batch(
     return torch.cat(parts)
 
 
+def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor to the device without making the host wait for the work queued there (a pinned, asynchronous
+    copy; a plain one waits)."""
+    return x.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else x.to(device)
+
+
 def train_iteration(
-    model, optimizer, scheduler, buffer, n_offline, posterior_mu, posterior_logvar, args, generator, autocast
+    model, optimizer, scheduler, buffer, n_offline, posterior_mu, posterior_logvar, args, sampler, generator, autocast
 ):
-    """One iteration of Algorithm 1: local posterior steps for a batch of trajectories, then one global step."""
-    idx = sample_batch(buffer.lengths, n_offline, args.batch_size, args.online_fraction, generator)
-    lengths = buffer.lengths[idx]
-    K = args.context_len
-    T = int(math.ceil(lengths.max().item() / K) * K)  # only as many blocks as the longest trajectory needs
+    """One iteration of Algorithm 1: local posterior steps for a batch of trajectories, then one global step.
+    The batch is drawn on the CPU with `sampler`, the rest on the device with `generator`: nothing in an iteration
+    waits for the device, so the host queues the next iteration's work while the device runs this one's."""
+    device = buffer.states.device
+    idx = sample_batch(buffer.lengths, n_offline, args.batch_size, args.online_fraction, sampler)
+    lengths, K = buffer.lengths[idx], args.context_len
+    T = int(math.ceil(int(lengths.max()) / K) * K)  # only as many blocks as the longest trajectory needs
+    idx, lengths = to_device(idx, device), to_device(lengths, device)
     states, actions, y = buffer.states[idx, :T], buffer.actions[idx, :T], buffer.y[idx].float()
     mask = valid_mask(lengths, T)
     timesteps = torch.arange(T, device=states.device).expand(len(idx), T)
@@ -926,7 +941,7 @@ def train_iteration(
     # the inner steps read every block, or with --inner-blocks a random few of them, scaled up by `weight`
     inner, weight = (states, actions, timesteps, mask), 1.0
     if 0 < args.inner_blocks < T // K:
-        blocks, weight = sample_blocks(lengths, K, args.inner_blocks, generator)
+        blocks, weight = sample_blocks(lengths, K, T // K, args.inner_blocks, generator)
         rows = torch.arange(len(idx), device=states.device)[:, None]
 
         def pick(x):  # [B, T, ...] -> the chosen blocks [B, n * K, ...]
@@ -1023,12 +1038,11 @@ def explore_plans(model: GAC, s0: torch.Tensor, target_y: float | torch.Tensor, 
     n = s0.shape[0]
     shape = (n, args.n_latent, args.d_model)
     target = torch.as_tensor(target_y, device=s0.device, dtype=torch.float32).expand(n)
-    log_std = torch.tensor(math.log(args.return_std), device=s0.device)
 
     def log_likelihood(z0):  # log p(y+ | z)
         with autocast():
             y_hat = model.predicted_return(z0, s0)
-        return gaussian_log_prob(target, y_hat, log_std)
+        return gaussian_log_prob(target, y_hat, math.log(args.return_std))
 
     eps = torch.randn(shape, device=s0.device)
     zeros = torch.zeros(shape, device=s0.device)
@@ -1402,7 +1416,8 @@ if __name__ == "__main__":
     latent_shape = (args.n_latent, args.d_model)
     posterior_mu = torch.zeros(n_offline, *latent_shape, device=device)
     posterior_logvar = torch.full((n_offline, *latent_shape), args.posterior_init_logvar, device=device)
-    generator = torch.Generator(device=device).manual_seed(args.seed)
+    generator = torch.Generator(device=device).manual_seed(args.seed)  # posterior noise, inner blocks
+    sampler = torch.Generator().manual_seed(args.seed + 1)  # batches, drawn on the CPU: see train_iteration
     iteration, start_round = 0, 0
     machine = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({os.cpu_count()} cores)"
     metrics = {
@@ -1425,6 +1440,7 @@ if __name__ == "__main__":
         posterior_mu = checkpoint["posterior_mu"].to(device)
         posterior_logvar = checkpoint["posterior_logvar"].to(device)
         generator.set_state(checkpoint["generator_state"])
+        sampler.set_state(checkpoint["sampler_state"])
         torch.set_rng_state(checkpoint["torch_rng_state"])
         iteration, start_round = checkpoint["iteration"], checkpoint["round"]
         metrics = json.loads(checkpoint["metrics"])
@@ -1489,6 +1505,7 @@ if __name__ == "__main__":
                 "posterior_logvar": posterior_logvar.cpu(),
                 "online_buffer": online,
                 "generator_state": generator.get_state(),
+                "sampler_state": sampler.get_state(),
                 "torch_rng_state": torch.get_rng_state(),
                 "iteration": iteration,
                 "round": round_index,
@@ -1630,6 +1647,7 @@ if __name__ == "__main__":
                     posterior_mu,
                     posterior_logvar,
                     args,
+                    sampler,
                     generator,
                     autocast,
                 )

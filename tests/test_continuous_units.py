@@ -276,8 +276,10 @@ def test_train_iteration_fills_the_local_posteriors_and_returns_every_term():
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
     before = [p.detach().clone() for p in model.parameters()]
-    generator = torch.Generator().manual_seed(0)
-    losses = gac.train_iteration(model, optimizer, scheduler, buffer, 3, mu, logvar, args, generator, gac_nullcontext)
+    sampler, generator = torch.Generator().manual_seed(1), torch.Generator().manual_seed(0)
+    losses = gac.train_iteration(
+        model, optimizer, scheduler, buffer, 3, mu, logvar, args, sampler, generator, gac_nullcontext
+    )
     expected = {"losses/action_nll_per_step", "losses/return_nll", "losses/return_mse", "losses/kl",
                 "losses/kl_free_bits", "losses/elbo", "charts/posterior_std", "charts/tokens"}  # fmt: skip
     assert set(losses) == expected
@@ -285,6 +287,7 @@ def test_train_iteration_fills_the_local_posteriors_and_returns_every_term():
     kl = float(losses["losses/kl"])
     assert float(losses["losses/kl_free_bits"]) >= kl - 1e-5 * max(1.0, abs(kl))  # float32 sums of ~100
     assert mu.abs().sum() > 0  # the batch's posteriors moved and were written back
+    assert buffer.lengths.device.type == "cpu"  # batches are drawn on the host: see train_iteration
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
 
 
@@ -305,7 +308,7 @@ def test_sample_batch_weights_by_length_and_gives_online_data_its_share():
 def test_sample_blocks_draws_valid_blocks_and_weights_them():
     generator = torch.Generator().manual_seed(0)
     lengths = torch.tensor([32, 9, 3])  # 8, 3 and 1 valid blocks of 4 steps
-    index, weight = gac.sample_blocks(lengths, 4, 2, generator)
+    index, weight = gac.sample_blocks(lengths, 4, 8, 2, generator)
     assert index.shape == (3, 2)
     assert (index[0] < 8).all() and index[0, 0] != index[0, 1] and (index[1] < 3).all()
     assert index[2, 0] == 0  # the only valid block comes first; the second pick is padding (masked)
@@ -326,7 +329,7 @@ def test_log_likelihood_of_random_blocks_is_unbiased():
         full, _, _ = gac.log_likelihoods(model, z0, states[:, 0], states, actions, timesteps, mask, y, 0.1)
         rows, estimates = torch.arange(2)[:, None], []
         for _ in range(400):
-            blocks, weight = gac.sample_blocks(lengths, 4, 3, generator)
+            blocks, weight = gac.sample_blocks(lengths, 4, 8, 3, generator)
             picked = [x.reshape(2, 8, 4, *x.shape[2:])[rows, blocks].flatten(1, 2)
                       for x in (states, actions, timesteps, mask)]  # fmt: skip
             part, _, _ = gac.log_likelihoods(model, z0, states[:, 0], *picked, y, 0.1)
@@ -348,9 +351,10 @@ def test_train_iteration_with_inner_blocks_runs_and_is_deterministic():
         mu, logvar = torch.zeros(3, 3, 16), torch.full((3, 3, 16), -5.0)
         optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
-        generator = torch.Generator().manual_seed(0)
-        losses = gac.train_iteration(model, optimizer, scheduler, buffer, 3, mu, logvar, args, generator,
-                                     gac_nullcontext)  # fmt: skip
+        sampler, generator = torch.Generator().manual_seed(1), torch.Generator().manual_seed(0)
+        losses = gac.train_iteration(
+            model, optimizer, scheduler, buffer, 3, mu, logvar, args, sampler, generator, gac_nullcontext
+        )
         results.append((float(losses["losses/elbo"]), mu.clone()))
     assert results[0][0] == results[1][0] and torch.equal(results[0][1], results[1][1])
     assert results[0][1].abs().sum() > 0
