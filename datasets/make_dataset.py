@@ -5,8 +5,9 @@
     # 2. roll a level out for 1M steps (stochastic actions, seeded resets, the trailing partial episode dropped)
     python datasets/make_dataset.py generate --env-id Hopper --level medium
 
-D4RL's levels (the paper's tables are D4RL's): `expert` is the final SAC policy, `medium` a snapshot of the same
-run at about a third of the expert's return, `medium-expert` both datasets together. They are stored as
+D4RL's levels (the paper's tables are D4RL's): `expert` is the end of a SAC run (here its best snapshot: SAC's
+return swings from one snapshot to the next), `medium` the same run stopped early, when it first reached about a
+third of the expert's return (the first snapshot within 20% of that), `medium-expert` both datasets together. They are stored as
 `gac-regenerated/mujoco/<env>/d4rl-<level>-v0`, never under Minari's own ids (Minari's `mujoco/hopper/medium-v0`
 returns ~3,480, far above D4RL's medium). Reference scores: min = a uniformly random policy, max = the expert
 policy (deterministic), 100 episodes each on the evaluation environment.
@@ -55,14 +56,21 @@ def read_policy_table(policy_dir: str = POLICY_DIR) -> dict:
         return json.load(f)
 
 
-def pick_levels(evaluated: dict[int, float], fraction: float) -> tuple[int, int]:
-    """(expert step, medium step): the expert is the best snapshot, the medium the earlier snapshot whose return
-    is closest to fraction x the expert's (D4RL: the same training stopped at about a third)."""
+def near_target(returns: dict[int, float], target: float, tolerance: float) -> list[int]:
+    """The steps whose return is within tolerance x target of the target, earliest first."""
+    return sorted(step for step, value in returns.items() if abs(value - target) <= tolerance * target)
+
+
+def pick_levels(evaluated: dict[int, float], fraction: float, tolerance: float) -> tuple[int, int]:
+    """(expert step, medium step). The expert is the best snapshot. The medium is D4RL's: the same training
+    stopped early, when it first reached about fraction x the expert's return, so the earliest snapshot before the
+    expert within tolerance of that (a late policy that scores as low is a collapse of the expert's gait, not a
+    policy halfway there); if none is, the earlier snapshot closest to it."""
     expert = max(evaluated, key=evaluated.get)
     target = fraction * evaluated[expert]
-    earlier = [step for step in evaluated if step < expert] or list(evaluated)
-    medium = min(earlier, key=lambda step: abs(evaluated[step] - target))
-    return expert, medium
+    earlier = {step: value for step, value in evaluated.items() if step < expert} or evaluated
+    first = near_target(earlier, target, tolerance)
+    return expert, first[0] if first else min(earlier, key=lambda step: abs(earlier[step] - target))
 
 
 def collect_episodes(policy, env_name: str, steps: int, num_envs: int, seed: int, show: bool = True) -> list[dict]:
@@ -135,9 +143,11 @@ class Select:
     run_dir: str = "runs/behaviour"
     """behaviour_policy.py's --out-dir"""
     candidates: int = 8
-    """snapshots re-evaluated on --episodes episodes: the best few and those nearest a third of the best"""
+    """snapshots re-evaluated on --episodes episodes: the best few and the first few near a third of the best"""
     episodes: int = 100
     medium_fraction: float = 1 / 3
+    medium_tolerance: float = 0.2
+    """a medium candidate's return is within this fraction of medium_fraction x the best return"""
     policy_dir: str = POLICY_DIR
     seed: int = 0
 
@@ -175,14 +185,16 @@ def select(args: Select):
         snapshot["path"] = os.path.join(os.path.dirname(table_path), "snapshots", os.path.basename(snapshot["path"]))
     quick = {step: s["return_mean"] for step, s in snapshots.items()}
     best = sorted(quick, key=quick.get, reverse=True)[: args.candidates // 2]
-    near = sorted(quick, key=lambda s: abs(quick[s] - args.medium_fraction * quick[best[0]]))[: args.candidates // 2]
+    target = args.medium_fraction * quick[best[0]]
+    near = near_target(quick, target, args.medium_tolerance) or sorted(quick, key=lambda s: abs(quick[s] - target))
+    near = near[: args.candidates // 2]
     evaluated, spread = {}, {}
     for step in sorted(set(best + near)):
         actor, _ = load_actor(snapshots[step]["path"])
         returns = evaluate_policy(lambda o, a=actor: a.act(o, True), ENVS[args.env_id], args.episodes, args.seed)
         evaluated[step], spread[step] = float(returns.mean()), float(returns.std())
         print(f"step {step}: {evaluated[step]:.1f} +- {spread[step]:.1f} over {len(returns)} episodes")
-    expert, medium = pick_levels(evaluated, args.medium_fraction)
+    expert, medium = pick_levels(evaluated, args.medium_fraction, args.medium_tolerance)
     os.makedirs(args.policy_dir, exist_ok=True)
     table = read_policy_table(args.policy_dir)
     last_step = max(snapshots)

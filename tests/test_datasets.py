@@ -13,9 +13,12 @@ sys.path.insert(0, os.path.join(ROOT, "datasets"))
 import make_dataset  # noqa: E402
 
 
-def test_pick_levels_takes_the_best_and_the_snapshot_nearest_a_third_of_it():
-    evaluated = {10: 200.0, 20: 1100.0, 30: 900.0, 40: 3300.0, 50: 3000.0, 60: 1100.0}
-    assert make_dataset.pick_levels(evaluated, 1 / 3) == (40, 20)  # not 60: a collapse after the expert
+def test_pick_levels_takes_the_best_and_the_first_snapshot_near_a_third_of_it():
+    evaluated = {10: 200.0, 20: 950.0, 30: 1100.0, 40: 3300.0, 50: 3000.0, 60: 1100.0}
+    # the first within 20% of 1100 (20, not 30 which is nearer; not 60: a collapse after the expert)
+    assert make_dataset.pick_levels(evaluated, 1 / 3, 0.2) == (40, 20)
+    assert make_dataset.pick_levels(evaluated, 1 / 3, 0.05) == (40, 30)  # none but 30 that close
+    assert make_dataset.pick_levels({10: 200.0, 20: 500.0, 40: 3300.0}, 1 / 3, 0.2) == (40, 20)  # none: nearest
     assert make_dataset.dataset_id_for("Hopper", "medium") == "gac-regenerated/mujoco/hopper/d4rl-medium-v0"
 
 
