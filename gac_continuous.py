@@ -1223,11 +1223,12 @@ if __name__ == "__main__":
         # ---- offline: maximise the ELBO on the dataset ----
         if iteration < args.num_iterations:
             train(args.num_iterations - iteration, "offline training", "offline", 0)
-            std = float((0.5 * posterior_logvar[:n_offline]).exp().mean())
+            std, active = float((0.5 * posterior_logvar[:n_offline]).exp().mean()), active_latent_dims(posterior_mu)
+            metrics["local_posteriors"] = {"std": std, "active_dims": active, "dims": posterior_mu[0].numel()}
             few = "; too few visits per trajectory for the plans to matter (README: implementation notes)"
             print(
-                f"local posteriors: std {std:.2f} (the prior's is 1), {active_latent_dims(posterior_mu)} of "
-                f"{posterior_mu[0].numel()} latent dimensions in use{few if std < 0.5 else ''}"
+                f"local posteriors: std {std:.2f} (the prior's is 1), {active} of {posterior_mu[0].numel()} latent "
+                f"dimensions in use{few if std < 0.5 else ''}"
             )
         if "offline" not in metrics:
             metrics["offline"], _ = evaluate("offline", args.eval_episodes)

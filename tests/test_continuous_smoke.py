@@ -47,6 +47,8 @@ def test_end_to_end_offline_evaluation_and_one_online_round(minari_root, tmp_pat
     assert metrics["dataset_id"] == TINY_HOPPER and "Minari reference scores" in metrics["normalisation"]
     assert [e["iteration"] for e in metrics["evaluations"]] == [10, 20, 25]
     assert metrics["online"][0]["round"] == 1 and "target_score" in metrics["online"][0]
+    posteriors = metrics["local_posteriors"]  # moved from their initial std exp(-5 / 2) = 0.08 towards the prior's 1
+    assert 0.08 < posteriors["std"] <= 1.5 and posteriors["dims"] == 4 * 32 and 0 <= posteriors["active_dims"] <= 128
     assert set(metrics["timings_s"]) >= {"data_loading", "offline_training", "evaluation", "online_collection"}
     tags = EventAccumulator(run_dir).Reload().Tags()
     for tag in ["losses/elbo", "losses/kl", "losses/kl_free_bits", "losses/action_nll_per_step",
