@@ -175,8 +175,9 @@ def mean_std(values):
 
 
 lines = [
-    "| script | dataset | variant | seeds | offline score | after online rounds | wall time per run | machine |",
-    "|---|---|---|---|---|---|---|---|",
+    "| script | dataset | variant | seeds | offline score | after online rounds | posterior std | wall time per run "
+    "| machine |",
+    "|---|---|---|---|---|---|---|---|---|",
 ]
 commands = []
 rounds_by_key = {}
@@ -192,8 +193,10 @@ for (script, dataset, variant), runs in sorted(groups.items()):
         [[run["offline"]["score_mean"]] + [r["score_mean"] for r in run["online"][:n_rounds]] for run in runs]
     )
     after = f"{mean_std(online)} ({n_rounds} rounds)" if online else "-"
+    stds = [run["local_posteriors"]["std"] for run in runs if run.get("local_posteriors")]
+    posterior = f"{np.mean(stds):.2f}" if stds else "-"
     lines.append(f"| {script} | {dataset} | {variant} | {' '.join(map(str, seeds))} | {mean_std(offline)} "
-                 f"| {after} | {np.mean(wall):.0f} s | {', '.join(machines)} |")
+                 f"| {after} | {posterior} | {np.mean(wall):.0f} s | {', '.join(machines)} |")
     command = re.sub(r"--seed \d+", "--seed <seed>", runs[0].get("command", ""))
     command = re.sub(r"--init-from \S+", "--init-from <offline run>", command)
     offline_command = runs[0].get("init_from", {}).get("command")
@@ -202,7 +205,9 @@ for (script, dataset, variant), runs in sorted(groups.items()):
         command = f"{offline_command}`, then `{command}"
     commands.append(f"- {script}, {dataset}, {variant}: `{command}`")
 note = ("Wall time per run: the offline run the three variants share (data, offline training, its evaluation), "
-        "then the variant's own evaluation and online rounds; the variants ran three at a time on one device.")
+        "then the variant's own evaluation and online rounds; the variants ran three at a time on one device. "
+        "Posterior std: the local posteriors' mean std after offline training (they start at 0.08; near 1 the "
+        "latent is trained, near 0.08 the run measured behaviour cloning: README, implementation notes).")
 table = "\n".join(lines) + f"\n\n{note}\n\nCommands (each seed of the row):\n\n" + "\n".join(commands) + "\n"
 with open(os.path.join(out, "results.md"), "w") as f:
     f.write(table)

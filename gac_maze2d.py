@@ -1460,6 +1460,8 @@ if __name__ == "__main__":
             "command": offline_run.get("command"),
             "timings_s": offline_run.get("timings_s", {}),  # the offline run's time until it wrote the checkpoint
         }
+        if "local_posteriors" in offline_run:  # the model's, as its offline training left them
+            metrics["local_posteriors"] = offline_run["local_posteriors"]
         print(f"starting from the offline model of {init_path} (iteration {iteration})")
 
     writer = SummaryWriter(run_dir, purge_step=iteration if checkpoint is not None else None)

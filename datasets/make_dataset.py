@@ -7,10 +7,10 @@
 
 D4RL's levels (the paper's tables are D4RL's): `expert` is the end of a SAC run (here its best snapshot: SAC's
 return swings from one snapshot to the next), `medium` the same run stopped early, when it first reached about a
-third of the expert's return (the first snapshot within 20% of that), `medium-expert` both datasets together. They are stored as
-`gac-regenerated/mujoco/<env>/d4rl-<level>-v0`, never under Minari's own ids (Minari's `mujoco/hopper/medium-v0`
-returns ~3,480, far above D4RL's medium). Reference scores: min = a uniformly random policy, max = the expert
-policy (deterministic), 100 episodes each on the evaluation environment.
+third of the expert's return (the first snapshot within 20% of that), `medium-expert` both datasets together.
+They are stored as `gac-regenerated/mujoco/<env>/d4rl-<level>-v0`, never under Minari's own ids (Minari's
+`mujoco/hopper/medium-v0` returns ~3,480, far above D4RL's medium). Reference scores: min = a uniformly random
+policy, max = the expert policy (deterministic), 100 episodes each on the evaluation environment.
 """
 
 import json

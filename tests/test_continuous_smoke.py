@@ -107,6 +107,8 @@ def test_ablations_start_from_the_offline_model_of_another_run(minari_root, tmp_
     metrics = json.load(open(os.path.join(prior_dir, "metrics.json")))
     assert metrics["init_from"]["path"] == os.path.join(offline_dir, "offline.pt")
     assert metrics["init_from"]["timings_s"]["offline_training"] > 0 and metrics["timings_s"]["offline_training"] == 0
+    offline_metrics = json.load(open(os.path.join(offline_dir, "metrics.json")))
+    assert metrics["local_posteriors"] == offline_metrics["local_posteriors"]  # the model's, for the benchmark table
     assert [e["iteration"] for e in metrics["evaluations"]] == [20, 25] and metrics["online"][0]["round"] == 1
     assert math.isfinite(metrics["online"][0]["target_score"]) and metrics["args"]["target_from"] == "prior"
     assert [step for step, _ in scalars(prior_dir, "losses/elbo")] == [25]  # trained only in the online round
