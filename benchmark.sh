@@ -175,7 +175,7 @@ def mean_std(values):
 
 
 lines = [
-    "| script | dataset | variant | seeds | offline score | after online rounds | posterior std | wall time per run "
+    "| script | dataset | variant | seeds | offline score | after online rounds | posteriors: std, active dims | wall time per run "
     "| machine |",
     "|---|---|---|---|---|---|---|---|---|",
 ]
@@ -193,8 +193,11 @@ for (script, dataset, variant), runs in sorted(groups.items()):
         [[run["offline"]["score_mean"]] + [r["score_mean"] for r in run["online"][:n_rounds]] for run in runs]
     )
     after = f"{mean_std(online)} ({n_rounds} rounds)" if online else "-"
-    stds = [run["local_posteriors"]["std"] for run in runs if run.get("local_posteriors")]
-    posterior = f"{np.mean(stds):.2f}" if stds else "-"
+    posteriors = [run["local_posteriors"] for run in runs if run.get("local_posteriors")]
+    posterior = "-"
+    if posteriors:
+        std, active = np.mean([p["std"] for p in posteriors]), np.mean([p["active_dims"] for p in posteriors])
+        posterior = f"{std:.2f}, {active:.0f} of {posteriors[0]['dims']}"
     lines.append(f"| {script} | {dataset} | {variant} | {' '.join(map(str, seeds))} | {mean_std(offline)} "
                  f"| {after} | {posterior} | {np.mean(wall):.0f} s | {', '.join(machines)} |")
     command = re.sub(r"--seed \d+", "--seed <seed>", runs[0].get("command", ""))
@@ -206,8 +209,10 @@ for (script, dataset, variant), runs in sorted(groups.items()):
     commands.append(f"- {script}, {dataset}, {variant}: `{command}`")
 note = ("Wall time per run: the offline run the three variants share (data, offline training, its evaluation), "
         "then the variant's own evaluation and online rounds; the variants ran three at a time on one device. "
-        "Posterior std: the local posteriors' mean std after offline training (they start at 0.08; near 1 the "
-        "latent is trained, near 0.08 the run measured behaviour cloning: README, implementation notes).")
+        "Posteriors: the local posteriors' mean std after offline training and the latent dimensions whose posterior "
+        "means vary across trajectories (mean over seeds). They start at std 0.08 and no dimension in use; a trained "
+        "latent has std near 1 and many dimensions in use; std near 0.08 means too few visits, no dimension in use "
+        "means collapse: either way the run measured behaviour cloning (README, implementation notes).")
 table = "\n".join(lines) + f"\n\n{note}\n\nCommands (each seed of the row):\n\n" + "\n".join(commands) + "\n"
 with open(os.path.join(out, "results.md"), "w") as f:
     f.write(table)

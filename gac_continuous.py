@@ -1227,10 +1227,14 @@ if __name__ == "__main__":
             train(args.num_iterations - iteration, "offline training", "offline", 0)
             std, active = float((0.5 * posterior_logvar[:n_offline]).exp().mean()), active_latent_dims(posterior_mu)
             metrics["local_posteriors"] = {"std": std, "active_dims": active, "dims": posterior_mu[0].numel()}
-            few = "; too few visits per trajectory for the plans to matter (README: implementation notes)"
+            warning = ""  # README, implementation notes: "The posteriors need visits"
+            if std < 0.5:
+                warning = "; too few visits per trajectory for the plans to matter"
+            elif active == 0:
+                warning = "; they are the prior again, so the plans carry nothing (posterior collapse)"
             print(
                 f"local posteriors: std {std:.2f} (the prior's is 1), {active} of {posterior_mu[0].numel()} latent "
-                f"dimensions in use{few if std < 0.5 else ''}"
+                f"dimensions in use{warning}"
             )
         if "offline" not in metrics:
             metrics["offline"], _ = evaluate("offline", args.eval_episodes)

@@ -47,7 +47,8 @@ def fake_run(
         "command": f"python {script} --env-id umaze --seed {seed} --exp-name bench-{variant}",
         "args": {"exp_name": f"bench-{variant}", "seed": seed},
         "offline": {"score_mean": offline}, "online": [{"score_mean": s} for s in online],
-        "timings_s": {"total": 100.0 * seed}, "local_posteriors": {"std": 0.5 + 0.2 * seed},
+        "timings_s": {"total": 100.0 * seed},
+        "local_posteriors": {"std": 0.5 + 0.2 * seed, "active_dims": 100 * seed, "dims": 512},
     }  # fmt: skip
     if offline_run_s is not None:
         offline_command = f"python {script} --env-id umaze --seed {seed} --exp-name bench-offline"
@@ -74,7 +75,7 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
     assert "old" not in readme
     gac_row = next(line for line in readme.splitlines() if "| gac |" in line)
     assert "| 1 2 |" in gac_row and "| 50.0 +- 10.0 |" in gac_row and "| 70.0 +- 10.0 (2 rounds) |" in gac_row
-    assert "| 0.80 |" in gac_row  # the mean of the seeds' posterior std, 0.7 and 0.9
+    assert "| 0.80, 150 of 512 |" in gac_row  # the means of the seeds' posterior std (0.7, 0.9), active dims
     assert "| 200 s |" in gac_row and "NVIDIA H100" in gac_row  # the shared offline run's 50 s included
     assert (
         "--seed <seed> --exp-name bench-offline`, then `python gac_maze2d.py --env-id umaze --seed <seed> "
