@@ -8,7 +8,7 @@
 #   ./benchmark.sh --slurm "--partition gpu --gres gpu:1 --time 01:00:00"   # one array task per job, then collect
 #   ./benchmark.sh --collect            # only collect the runs already under runs/
 #   ./benchmark.sh --speed              # one Hopper run here, then where its time went and its throughput
-#   ./benchmark.sh --micro              # the hot paths alone on synthetic Hopper-size data (no dataset needed)
+#   ./benchmark.sh --micro              # the hot paths alone on synthetic Hopper-size data, then a profile
 #   ./benchmark.sh --dry-run            # print the runs of the grid
 #   ./benchmark.sh --deadline 540 ...   # stop every run 540 s after the start (SIGTERM; metrics.json is kept)
 #
@@ -368,6 +368,24 @@ def act_speed(num_envs=50):
     print(f"exploit_plans {num_envs} states x 16 candidates x 50 steps: {time.time() - t0:.2f} s", flush=True)
 
 
+def kernel_profile(updates=5):
+    """Where an update spends its time, operator by operator (device time on a GPU, CPU time here)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    args, model, buffer, opt, sched, mu, logvar, gens = setup()
+    for _ in range(3):
+        g.train_iteration(model, opt, sched, buffer, N, mu, logvar, args, *gens, autocast)
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
+        for _ in range(updates):
+            g.train_iteration(model, opt, sched, buffer, N, mu, logvar, args, *gens, autocast)
+        if cuda:
+            torch.cuda.synchronize()
+    print(f"the operators of {updates} updates, by their own time:")
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60), flush=True)
+
+
 act_speed()
 train_speed("default (batch 64, 3 inner steps, bf16)")
 train_speed("the host waiting for the device after each update", wait=True)
@@ -376,6 +394,7 @@ train_speed("inner steps on 8 random blocks (--inner-blocks 8)", inner_blocks=8)
 train_speed("batch 256", batch_size=256)
 if os.environ.get("COMPILE", "1") == "1":
     train_speed("torch.compile", compile_model=True)
+kernel_profile(1 if small else 5)
 EOF
 }
 
