@@ -302,7 +302,7 @@ def setup(**overrides):
     actions = torch.rand(N, padded, act_dim, device=device) * 2 - 1
     lengths = torch.randint(T // 3, T + 1, (N,), device=device)
     buffer = g.TrajectoryBuffer(states, actions, lengths, lengths.double(), torch.rand(N, device=device))
-    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=device.type == "cuda")  # as the script
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
     mu = torch.zeros(N, args.n_latent, args.d_model, device=device)
     logvar = torch.full_like(mu, -5.0)

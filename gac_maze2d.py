@@ -1409,7 +1409,9 @@ if __name__ == "__main__":
 
     # ---- model, optimiser, local posteriors ----
     model = GAC(obs_dim, act_dim, args, padded_len).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay)
+    optimizer = torch.optim.AdamW(  # fused: one kernel for all parameters on the GPU instead of several per tensor
+        model.parameters(), lr=args.learning_rate, weight_decay=args.weight_decay, fused=device.type == "cuda"
+    )
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda i: min(1.0, (i + 1) / max(1, args.warmup_iterations))
     )
