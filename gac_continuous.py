@@ -64,7 +64,8 @@ class Args:
     """the environment: Hopper, Walker2d, HalfCheetah or Ant"""
     dataset: str = "medium"
     """Minari's levels simple, medium, expert (mujoco/<env>/<dataset>-v0), or the D4RL-style levels d4rl-medium,
-    d4rl-expert, d4rl-medium-expert that datasets/make_dataset.py regenerates (gac-regenerated/mujoco/<env>/...)"""
+    d4rl-expert, d4rl-medium-expert, d4rl-medium-replay that datasets/make_dataset.py regenerates
+    (gac-regenerated/mujoco/<env>/...)"""
     dataset_id: str | None = None
     """any Minari dataset id, local or remote (overrides --env-id and --dataset)"""
 
@@ -230,7 +231,7 @@ def check_args(args: Args):
 
 
 MINARI_LEVELS = ("simple", "medium", "expert")
-REGENERATED_LEVELS = ("d4rl-medium", "d4rl-expert", "d4rl-medium-expert")
+REGENERATED_LEVELS = ("d4rl-medium", "d4rl-expert", "d4rl-medium-expert", "d4rl-medium-replay")
 
 
 def resolve_dataset_id(args: Args) -> str:
@@ -249,7 +250,7 @@ def resolve_dataset_id(args: Args) -> str:
 def dataset_hint(dataset_id: str) -> str:
     """For a missing Gym-MuJoCo dataset: the local regeneration to use instead, or the command that makes it."""
     match = re.fullmatch(
-        r"(?:gac-regenerated/)?mujoco/(\w+)/(?:d4rl-)?(simple|medium|expert|medium-expert)-v0", dataset_id
+        r"(?:gac-regenerated/)?mujoco/(\w+)/(?:d4rl-)?(simple|medium|expert|medium-expert|medium-replay)-v0", dataset_id
     )
     env = next((name for name in ENV_NAMES.values() if match and name.lower() == match[1]), None)
     if env is None:
@@ -259,6 +260,8 @@ def dataset_hint(dataset_id: str) -> str:
     if regenerated != dataset_id and os.path.isdir(os.path.join(minari.storage.get_dataset_path(regenerated), "data")):
         return f" A local regeneration of D4RL's {level} level (not Minari's) is there: --dataset d4rl-{level}."
     command = f"python datasets/make_dataset.py generate --env-id {env} --level {level}"
+    if level == "medium-replay":  # the replay buffer of the SAC run that trained the levels
+        command = f"python datasets/make_dataset.py replay --env-id {env}"
     return f" To regenerate D4RL's {level} level here: {command}."
 
 

@@ -4,10 +4,13 @@
     python datasets/make_dataset.py select --env-id Hopper
     # 2. roll a level out for 1M steps (stochastic actions, seeded resets, the trailing partial episode dropped)
     python datasets/make_dataset.py generate --env-id Hopper --level medium
+    # 3. D4RL's medium-replay: the run's own replay buffer until the medium snapshot (needs the run's state.pt)
+    python datasets/make_dataset.py replay --env-id Hopper
 
 D4RL's levels (the paper's tables are D4RL's): `expert` is the end of a SAC run (here its best snapshot: SAC's
 return swings from one snapshot to the next), `medium` the same run stopped early, when it first reached about a
-third of the expert's return (the first snapshot within 20% of that), `medium-expert` both datasets together.
+third of the expert's return (the first snapshot within 20% of that), `medium-expert` both datasets together,
+`medium-replay` every transition the run stored until it took the medium snapshot (random warm-up included).
 They are stored as `gac-regenerated/mujoco/<env>/d4rl-<level>-v0`, never under Minari's own ids (Minari's
 `mujoco/hopper/medium-v0` returns ~3,480, far above D4RL's medium). Reference scores: min = a uniformly random
 policy, max = the expert policy (deterministic), 100 episodes each on the evaluation environment.
@@ -121,6 +124,53 @@ def collect_chunk(task: tuple) -> list[dict]:
     return collect_episodes(lambda o: actor.act(o, False), env_name, steps, num_envs, seed, show=False)
 
 
+def reference_returns(env_name: str, expert, seed: int, episodes: int) -> tuple[float, float]:
+    """(min, max) reference returns: a uniformly random policy and the deterministic expert on the evaluation
+    environment, `episodes` each (the same seeds for every level of an environment, so they share the values)."""
+    random_env = gym.make(env_name)
+    random_env.action_space.seed(seed)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a matmul's sums depend on its threads: one thread, the same scores on any machine
+    try:
+        ref_min = float(evaluate_policy(lambda o: np.stack([random_env.action_space.sample() for _ in o]), env_name,
+                                        episodes, seed=seed + 1_000_000).mean())  # fmt: skip
+        ref_max = float(
+            evaluate_policy(lambda o: expert.act(o, True), env_name, episodes, seed=seed + 2_000_000).mean()
+        )
+    finally:
+        torch.set_num_threads(threads)
+        random_env.close()
+    print(f"reference scores: random {ref_min:.1f}, expert {ref_max:.1f} ({episodes} episodes each)")
+    return ref_min, ref_max
+
+
+def replay_episodes(buffer: dict[str, np.ndarray], steps: int) -> list[dict]:
+    """The first `steps` transitions of a SAC replay buffer (obs, next_obs, actions, rewards, terminations, in the
+    order they were made) as whole episodes. The buffer records terminations but no other episode boundary: an
+    episode also ends where the next transition does not start from this one's next observation (a time limit, or
+    the reset of a run resumed from its last saved state), and that end is a truncation. The trailing partial
+    episode is dropped: the one cut by `steps`, or the buffer's last one if nothing shows that it ended."""
+    obs, next_obs = buffer["obs"], buffer["next_obs"]
+    n = min(steps, len(obs))
+    terminated = buffer["terminations"][:n] > 0
+    ends = terminated.copy()
+    ends[: n - 1] |= (next_obs[: n - 1] != obs[1:n]).any(1)
+    if n < len(obs):
+        ends[n - 1] |= bool((next_obs[n - 1] != obs[n]).any())
+    episodes, start = [], 0
+    for end in np.flatnonzero(ends):
+        length = end + 1 - start
+        episodes.append({
+            "observations": np.concatenate([obs[start : end + 1], next_obs[end : end + 1]]).astype(np.float64),
+            "actions": buffer["actions"][start : end + 1].astype(np.float32),
+            "rewards": buffer["rewards"][start : end + 1].astype(np.float64),
+            "terminations": np.arange(length) == length - 1 if terminated[end] else np.zeros(length, bool),
+            "truncations": np.zeros(length, bool) if terminated[end] else np.arange(length) == length - 1,
+        })  # fmt: skip
+        start = end + 1
+    return episodes
+
+
 def write_dataset(dataset_id: str, episodes: list[dict], env_name: str, ref_min: float, ref_max: float,
                   description: str, algorithm: str) -> minari.MinariDataset:  # fmt: skip
     buffers = [EpisodeBuffer(id=i, infos={}, **episode) for i, episode in enumerate(episodes)]
@@ -170,6 +220,21 @@ class Generate:
     """episodes of the random and the expert policy for the reference scores"""
     dataset_id: str | None = None
     """default gac-regenerated/mujoco/<env>/d4rl-<level>-v0"""
+    policy_dir: str = POLICY_DIR
+
+
+@dataclass
+class Replay:
+    """D4RL's medium-replay: the replay buffer of a behaviour_policy.py run until its medium snapshot, in Minari."""
+
+    env_id: str = "Hopper"
+    run_dir: str = "runs/behaviour"
+    """behaviour_policy.py's --out-dir: its <env-id>/state.pt holds the replay buffer"""
+    seed: int = 0
+    ref_episodes: int = 100
+    """episodes of the random and the expert policy for the reference scores"""
+    dataset_id: str | None = None
+    """default gac-regenerated/mujoco/<env>/d4rl-medium-replay-v0"""
     policy_dir: str = POLICY_DIR
 
 
@@ -234,13 +299,7 @@ def generate(args: Generate):
         fail(f"{dataset_id} exists at {minari.storage.get_dataset_path(dataset_id)}; delete it to regenerate")
     start = time.time()
     expert, _ = load_actor(policy_path(args.env_id, "expert", args.policy_dir))
-    random_env = gym.make(env_name)
-    random_env.action_space.seed(args.seed)
-    ref_min = float(evaluate_policy(lambda o: np.stack([random_env.action_space.sample() for _ in o]), env_name,
-                                    args.ref_episodes, seed=args.seed + 1_000_000).mean())  # fmt: skip
-    ref_max = float(evaluate_policy(lambda o: expert.act(o, True), env_name, args.ref_episodes,
-                                    seed=args.seed + 2_000_000).mean())  # fmt: skip
-    print(f"reference scores: random {ref_min:.1f}, expert {ref_max:.1f} ({args.ref_episodes} episodes each)")
+    ref_min, ref_max = reference_returns(env_name, expert, args.seed, args.ref_episodes)
     torch.manual_seed(args.seed)
     episodes, made_from = [], []
     for i, level in enumerate(levels):
@@ -271,9 +330,49 @@ def generate(args: Generate):
     return dataset
 
 
+def replay(args: Replay):
+    if args.env_id not in ENVS:
+        fail(f"unknown --env-id {args.env_id!r}; valid: {', '.join(ENVS)}")
+    table = read_policy_table(args.policy_dir)
+    medium = table.get(f"{args.env_id}-medium")
+    if medium is None or not os.path.exists(policy_path(args.env_id, "expert", args.policy_dir)):
+        fail(f"no {args.env_id} levels in {args.policy_dir}: make_dataset.py select --env-id {args.env_id}")
+    dataset_id = args.dataset_id or dataset_id_for(args.env_id, "medium-replay")
+    if os.path.isdir(minari.storage.get_dataset_path(dataset_id)):
+        fail(f"{dataset_id} exists at {minari.storage.get_dataset_path(dataset_id)}; delete it to regenerate")
+    state_path = os.path.join(args.run_dir, args.env_id, "state.pt")
+    if not os.path.exists(state_path):
+        fail(f"no {state_path}: medium-replay is the replay buffer of the SAC run that made the levels; on another "
+             f"machine, train one to the medium step first: python datasets/behaviour_policy.py --env-id "
+             f"{args.env_id} --total-steps {medium['run_total_steps']} --stop-after {medium['sac_step']}, then "
+             f"select its levels again")  # fmt: skip
+    start = time.time()
+    state = torch.load(state_path, map_location="cpu", weights_only=False)  # behaviour_policy.py's own file
+    steps, stored = medium["sac_step"], state["stored"]
+    if stored > len(state["buffer"]["obs"]):
+        fail(f"{state_path}: the replay buffer was overwritten after {len(state['buffer']['obs'])} transitions")
+    if stored < steps:
+        fail(f"{state_path} holds {stored} transitions, fewer than the medium snapshot's step {steps}")
+    episodes = replay_episodes(state["buffer"], steps)
+    env_name = ENVS[args.env_id]
+    expert, _ = load_actor(policy_path(args.env_id, "expert", args.policy_dir))
+    ref_min, ref_max = reference_returns(env_name, expert, args.seed, args.ref_episodes)
+    run_seed = state["args"]["seed"]
+    description = (
+        f"Local regeneration, D4RL-style medium-replay level, by datasets/make_dataset.py: the first {steps} "
+        f"transitions of the replay buffer of the SAC run (datasets/behaviour_policy.py, seed {run_seed}) whose "
+        f"step-{steps} snapshot is the medium level, random warm-up included, split into episodes at terminations, "
+        "time limits and resumes, the trailing partial episode dropped. Not a Minari or D4RL download."
+    )
+    dataset = write_dataset(dataset_id, episodes, env_name, ref_min, ref_max, description,
+                            "SAC replay buffer (datasets/behaviour_policy.py)")  # fmt: skip
+    returns = np.array([e["rewards"].sum() for e in episodes])
+    print(f"{dataset_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps, return "
+          f"{returns.mean():.1f} +- {returns.std():.1f}, in {time.time() - start:.0f} s")  # fmt: skip
+    return dataset
+
+
 if __name__ == "__main__":
-    command = tyro.extras.subcommand_cli_from_dict({"select": Select, "generate": Generate})
-    if isinstance(command, Select):
-        select(command)
-    else:
-        generate(command)
+    commands = {"select": Select, "generate": Generate, "replay": Replay}
+    command = tyro.extras.subcommand_cli_from_dict(commands)
+    {Select: select, Generate: generate, Replay: replay}[type(command)](command)

@@ -128,6 +128,7 @@ def test_bad_input_gets_one_line(minari_root, tmp_path):
         (["--dataset", "bogus"], "valid: simple, medium, expert, d4rl-medium"),
         (["--dataset", "d4rl-expert"], "python datasets/make_dataset.py generate --env-id Hopper --level expert"),
         (["--env-id", "Walker2d"], "python datasets/make_dataset.py generate --env-id Walker2d --level medium"),
+        (["--dataset", "d4rl-medium-replay"], "python datasets/make_dataset.py replay --env-id Hopper."),
     ]:
         result = run(flags, cwd=tmp_path, check=False)
         assert result.returncode != 0

@@ -7,6 +7,7 @@ import sys
 
 import minari
 import numpy as np
+import torch
 from conftest import ROOT
 
 sys.path.insert(0, os.path.join(ROOT, "datasets"))
@@ -20,6 +21,28 @@ def test_pick_levels_takes_the_best_and_the_first_snapshot_near_a_third_of_it():
     assert make_dataset.pick_levels(evaluated, 1 / 3, 0.05) == (40, 30)  # none but 30 that close
     assert make_dataset.pick_levels({10: 200.0, 20: 500.0, 40: 3300.0}, 1 / 3, 0.2) == (40, 20)  # none: nearest
     assert make_dataset.dataset_id_for("Hopper", "medium") == "gac-regenerated/mujoco/hopper/d4rl-medium-v0"
+
+
+def test_replay_episodes_splits_at_terminations_time_limits_and_resets_and_drops_the_cut_one():
+    # episodes: A = steps 0-2 (terminates), B = 3-4 (time limit: step 5 does not start from B's last next_obs),
+    # C = 5-7 (cut by steps=7), in a buffer that goes on to step 9
+    obs = np.arange(10, dtype=np.float32)[:, None].repeat(2, 1)
+    next_obs = obs + 1
+    next_obs[2], next_obs[4] = 100.0, 200.0  # A's and B's final observations; steps 3 and 5 start from a reset
+    terminations = np.zeros(10, np.float32)
+    terminations[2] = 1.0
+    buffer = {"obs": obs, "next_obs": next_obs, "actions": obs[:, :1] * 0.1, "rewards": np.arange(10.0),
+              "terminations": terminations}  # fmt: skip
+    episodes = make_dataset.replay_episodes(buffer, 7)
+    assert [len(e["actions"]) for e in episodes] == [3, 2]
+    a, b = episodes
+    assert a["terminations"].tolist() == [False, False, True] and not a["truncations"].any()
+    assert b["truncations"].tolist() == [False, True] and not b["terminations"].any()
+    assert a["observations"][:, 0].tolist() == [0, 1, 2, 100] and b["observations"][:, 0].tolist() == [3, 4, 200]
+    assert b["rewards"].tolist() == [3.0, 4.0] and np.allclose(b["actions"][:, 0], [0.3, 0.4])
+    assert [len(e["actions"]) for e in make_dataset.replay_episodes(buffer, 5)] == [3, 2]  # B ends exactly there
+    # the buffer's end: C runs to step 9 with nothing to say that it ended there, so it is dropped
+    assert [len(e["actions"]) for e in make_dataset.replay_episodes(buffer, 10)] == [3, 2]
 
 
 def test_train_select_generate_and_load_back(tmp_path, minari_root):
@@ -57,6 +80,20 @@ def test_train_select_generate_and_load_back(tmp_path, minari_root):
     env = dataset.recover_environment(eval_env=True)
     assert env.spec.id == "Hopper-v5"
     env.close()
+
+    # medium-replay: the run's replay buffer (in state.pt) until the medium snapshot, whole episodes only
+    out = run("make_dataset.py", "replay", "--env-id", "Hopper", "--ref-episodes", "2", "--policy-dir", str(policies))
+    replay = minari.load_dataset("gac-regenerated/mujoco/hopper/d4rl-medium-replay-v0")
+    medium_step = table["Hopper-medium"]["sac_step"]
+    assert 0 < replay.total_steps <= medium_step and "medium-replay" in replay.storage.metadata["description"]
+    first = next(replay.iterate_episodes())
+    state = torch.load(tmp_path / "runs/behaviour/Hopper/state.pt", weights_only=False)
+    n = len(first.actions)
+    assert np.allclose(first.actions, state["buffer"]["actions"][:n]) and (
+        first.terminations[-1] or first.truncations[-1]
+    )
+    for key in ["ref_min_score", "ref_max_score"]:  # the same reference scores as the other levels, bit for bit
+        assert metadata[key] == replay.storage.metadata[key]
 
     again = subprocess.run([sys.executable, os.path.join(ROOT, "datasets", "make_dataset.py"), "generate",
                             "--env-id", "Hopper", "--level", "medium-expert", "--policy-dir", str(policies)],
