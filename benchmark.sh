@@ -75,7 +75,9 @@ write_jobs() {
       env=${BASH_REMATCH[1]}
       level=${BASH_REMATCH[2]}
       local id="gac-regenerated/mujoco/${env,,}/d4rl-$level-v0"
-      echo "[ -d \"\${MINARI_DATASETS_PATH:-\$HOME/.minari/datasets}/$id/data\" ] || python datasets/make_dataset.py generate --env-id $env --level $level --workers \$(nproc)" >>"$OUT/prepare.txt"
+      local make="generate --env-id $env --level $level --workers \$(nproc)"
+      [[ $level == medium-replay ]] && make="replay --env-id $env"  # from the SAC run's replay buffer
+      echo "[ -d \"\${MINARI_DATASETS_PATH:-\$HOME/.minari/datasets}/$id/data\" ] || python datasets/make_dataset.py $make" >>"$OUT/prepare.txt"
     fi
     local env_id
     env_id=$(sed -E 's/.*--env-id ([A-Za-z0-9]+).*/\1/' <<<"$data")
