@@ -185,6 +185,17 @@ def write_dataset(dataset_id: str, episodes: list[dict], env_name: str, ref_min:
     return dataset
 
 
+def fail_if_exists(dataset_id: str):
+    if os.path.isdir(minari.storage.get_dataset_path(dataset_id)):
+        fail(f"{dataset_id} exists at {minari.storage.get_dataset_path(dataset_id)}; delete it to regenerate")
+
+
+def report(dataset: minari.MinariDataset, episodes: list[dict], start: float):
+    returns = np.array([e["rewards"].sum() for e in episodes])
+    print(f"{dataset.spec.dataset_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps, return "
+          f"{returns.mean():.1f} +- {returns.std():.1f}, in {time.time() - start:.0f} s")  # fmt: skip
+
+
 @dataclass
 class Select:
     """Pick the expert and medium snapshots of a behaviour_policy.py run into datasets/policies/."""
@@ -295,8 +306,7 @@ def generate(args: Generate):
             fail(f"no {policy_path(args.env_id, level, args.policy_dir)} (the expert gives the reference max): "
                  f"python datasets/make_dataset.py select --env-id {args.env_id}")  # fmt: skip
     dataset_id = args.dataset_id or dataset_id_for(args.env_id, args.level)
-    if os.path.isdir(minari.storage.get_dataset_path(dataset_id)):
-        fail(f"{dataset_id} exists at {minari.storage.get_dataset_path(dataset_id)}; delete it to regenerate")
+    fail_if_exists(dataset_id)
     start = time.time()
     expert, _ = load_actor(policy_path(args.env_id, "expert", args.policy_dir))
     ref_min, ref_max = reference_returns(env_name, expert, args.seed, args.ref_episodes)
@@ -316,7 +326,6 @@ def generate(args: Generate):
             print(f"rolling out {level} in {args.workers} processes")
             for chunk in pool.map(collect_chunk, tasks):
                 episodes += chunk
-    returns = np.array([e["rewards"].sum() for e in episodes])
     description = (
         f"Local regeneration, D4RL-style {args.level} level, by datasets/make_dataset.py: {', '.join(made_from)} "
         f"(datasets/behaviour_policy.py), {args.steps} steps per policy with stochastic actions, seeded resets "
@@ -325,8 +334,7 @@ def generate(args: Generate):
     )
     dataset = write_dataset(dataset_id, episodes, env_name, ref_min, ref_max, description,
                             "SAC (datasets/behaviour_policy.py)")  # fmt: skip
-    print(f"{dataset_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps, return "
-          f"{returns.mean():.1f} +- {returns.std():.1f}, in {time.time() - start:.0f} s")  # fmt: skip
+    report(dataset, episodes, start)
     return dataset
 
 
@@ -338,8 +346,7 @@ def replay(args: Replay):
     if medium is None or not os.path.exists(policy_path(args.env_id, "expert", args.policy_dir)):
         fail(f"no {args.env_id} levels in {args.policy_dir}: make_dataset.py select --env-id {args.env_id}")
     dataset_id = args.dataset_id or dataset_id_for(args.env_id, "medium-replay")
-    if os.path.isdir(minari.storage.get_dataset_path(dataset_id)):
-        fail(f"{dataset_id} exists at {minari.storage.get_dataset_path(dataset_id)}; delete it to regenerate")
+    fail_if_exists(dataset_id)
     state_path = os.path.join(args.run_dir, args.env_id, "state.pt")
     if not os.path.exists(state_path):
         fail(f"no {state_path}: medium-replay is the replay buffer of the SAC run that made the levels; on another "
@@ -366,9 +373,7 @@ def replay(args: Replay):
     )
     dataset = write_dataset(dataset_id, episodes, env_name, ref_min, ref_max, description,
                             "SAC replay buffer (datasets/behaviour_policy.py)")  # fmt: skip
-    returns = np.array([e["rewards"].sum() for e in episodes])
-    print(f"{dataset_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps, return "
-          f"{returns.mean():.1f} +- {returns.std():.1f}, in {time.time() - start:.0f} s")  # fmt: skip
+    report(dataset, episodes, start)
     return dataset
 
 
