@@ -13,11 +13,12 @@
 #   ./benchmark.sh --deadline 540 ...   # stop every run 540 s after the start (SIGTERM; metrics.json is kept)
 #
 # Variants, side by side on the same data and budget: gac (exploitation by ascent on the plan, dynamic target
-# y+), prior (plans drawn from the prior, no inference: the latent ablation) and fixed-target (exploration
-# towards a fixed y* = 1.0, the reference expert: the exploration ablation). One job per (dataset, seed): an
-# offline run (exp-name bench-offline, --online-rounds 0 --save-model), then the three variants in parallel, each
-# starting from that run's offline.pt (--init-from): they differ only in inference and online fine-tuning, and the
-# offline training is paid once instead of three times.
+# y+), prior (plans drawn from the prior, no inference: the latent ablation), fixed-target (exploration towards a
+# fixed y* = 1.0, the reference expert: the exploration ablation) and offline-data (the same rounds and updates,
+# but every batch from the offline data: what the online trajectories add over more training). One job per
+# (dataset, seed): an offline run (exp-name bench-offline, --online-rounds 0 --save-model), then the four variants
+# in parallel, each starting from that run's offline.pt (--init-from): they differ only in inference and online
+# fine-tuning, and the offline training is paid once instead of four times.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -42,7 +43,7 @@ while (($#)); do
     --out) OUT=$2; shift 2 ;;
     --deadline) DEADLINE=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h | --help) sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "benchmark.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -58,6 +59,7 @@ declare -A VARIANTS=(
   [gac]=""
   [prior]="--exploit-steps 0 --num-candidates 1"
   [fixed-target]="--fixed-target 1.0"
+  [offline-data]="--online-fraction 0.0"
 )
 
 write_jobs() {
@@ -87,7 +89,7 @@ write_jobs() {
       # the offline run; flags after -- come before --online-rounds 0 so that it wins
       job="python $script $data --seed $seed --exp-name bench-offline ${EXTRA[*]:-} --online-rounds 0 --save-model"
       job+=" && dir=\$(ls -td runs/${env_id}__bench-offline__${seed}__* | head -n 1) && {"
-      for variant in gac prior fixed-target; do
+      for variant in gac prior fixed-target offline-data; do
         # the variant's own flags after those given after --, so that they win
         job+=" python $script $data --seed $seed --exp-name bench-$variant ${EXTRA[*]:-} ${VARIANTS[$variant]}"
         job+=" --init-from \$dir >$OUT/logs/run_${i}_$variant.log 2>&1 &"
@@ -100,13 +102,13 @@ write_jobs() {
 run_local() {
   local gpus i=0
   gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c GPU || true)
-  if [[ -z "$JOBS" ]]; then  # one job (up to three runs at once) per GPU, or per two CPU cores without one
+  if [[ -z "$JOBS" ]]; then  # one job (up to four runs at once) per GPU, or per two CPU cores without one
     if ((gpus > 0)); then JOBS=$gpus; else JOBS=$(($(nproc) / 2 > 0 ? $(nproc) / 2 : 1)); fi
   fi
   echo "preparing datasets: $(wc -l <"$OUT/prepare.txt") commands"
   while IFS= read -r cmd; do bash -c "$cmd" >>"$OUT/logs/prepare.log" 2>&1 & done <"$OUT/prepare.txt"
   wait
-  echo "$(wc -l <"$OUT/jobs.txt") jobs (an offline run, then three variants), $JOBS at a time, logs in $OUT/logs"
+  echo "$(wc -l <"$OUT/jobs.txt") jobs (an offline run, then four variants), $JOBS at a time, logs in $OUT/logs"
   while IFS= read -r cmd; do
     while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done
     local device=() limit=()
@@ -209,8 +211,8 @@ for (script, dataset, variant), runs in sorted(groups.items()):
         offline_command = re.sub(r"--seed \d+", "--seed <seed>", offline_command)
         command = f"{offline_command}`, then `{command}"
     commands.append(f"- {script}, {dataset}, {variant}: `{command}`")
-note = ("Wall time per run: the offline run the three variants share (data, offline training, its evaluation), "
-        "then the variant's own evaluation and online rounds; the variants ran three at a time on one device. "
+note = ("Wall time per run: the offline run the four variants share (data, offline training, its evaluation), "
+        "then the variant's own evaluation and online rounds; the variants ran four at a time on one device. "
         "Posteriors: the local posteriors' mean std after offline training and the latent dimensions whose posterior "
         "means vary across trajectories (mean over seeds). They start at std 0.08 and no dimension in use; a trained "
         "latent has std near 1 and many dimensions in use; std near 0.08 means too few visits, no dimension in use "
