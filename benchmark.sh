@@ -89,7 +89,7 @@ write_jobs() {
       # the offline run; flags after -- come before --online-rounds 0 so that it wins
       job="python $script $data --seed $seed --exp-name bench-offline ${EXTRA[*]:-} --online-rounds 0 --save-model"
       job+=" && dir=\$(ls -td runs/${env_id}__bench-offline__${seed}__* | head -n 1) && {"
-      for variant in gac prior fixed-target offline-data; do
+      for variant in "${!VARIANTS[@]}"; do  # every variant of the table above
         # the variant's own flags after those given after --, so that they win
         job+=" python $script $data --seed $seed --exp-name bench-$variant ${EXTRA[*]:-} ${VARIANTS[$variant]}"
         job+=" --init-from \$dir >$OUT/logs/run_${i}_$variant.log 2>&1 &"
