@@ -188,15 +188,19 @@ rounds_by_key = {}
 for (script, dataset, variant), runs in sorted(groups.items()):
     seeds = sorted(run["args"]["seed"] for run in runs)
     offline = [run["offline"]["score_mean"] for run in runs]
-    online = [run["online"][-1]["score_mean"] for run in runs if run.get("online")]
     # wall time of a whole run: the shared offline run until its checkpoint, then this run
     wall = [run["timings_s"]["total"] + run.get("init_from", {}).get("timings_s", {}).get("total", 0.0) for run in runs]
     machines = sorted({run.get("machine", run["device"]) for run in runs})
-    n_rounds = min((len(run.get("online", [])) for run in runs), default=0)
+    # a run stopped by --deadline keeps the rounds it finished: compare the seeds at the rounds all of them reached
+    n_rounds = min(len(run.get("online", [])) for run in runs)
+    online = [run["online"][n_rounds - 1]["score_mean"] for run in runs] if n_rounds else []
     rounds_by_key[(script, dataset, variant)] = np.array(
-        [[run["offline"]["score_mean"]] + [r["score_mean"] for r in run["online"][:n_rounds]] for run in runs]
+        [[run["offline"]["score_mean"]] + [r["score_mean"] for r in run.get("online", [])[:n_rounds]] for run in runs]
     )
-    after = f"{mean_std(online)} ({n_rounds} rounds)" if online else "-"
+    planned = max(run["args"].get("online_rounds", 0) for run in runs)
+    after = "-" if not online else f"{mean_std(online)} ({n_rounds} rounds)"
+    if online and n_rounds < planned:
+        after = f"{mean_std(online)} ({n_rounds} of {planned} rounds)"
     posteriors = [run["local_posteriors"] for run in runs if run.get("local_posteriors")]
     posterior = "-"
     if posteriors:

@@ -40,17 +40,20 @@ def fake_run(
     script="gac_maze2d.py",
     dataset="gac-regenerated/x-v2",
     offline_run_s=None,
+    online_rounds=2,
 ):
     run_dir = root / "runs" / name
     run_dir.mkdir(parents=True)
     metrics = {
         "script": script, "dataset_id": dataset, "device": "cuda", "machine": "NVIDIA H100",
         "command": f"python {script} --env-id umaze --seed {seed} --exp-name bench-{variant}",
-        "args": {"exp_name": f"bench-{variant}", "seed": seed},
-        "offline": {"score_mean": offline}, "online": [{"score_mean": s} for s in online],
+        "args": {"exp_name": f"bench-{variant}", "seed": seed, "online_rounds": online_rounds},
+        "offline": {"score_mean": offline}, "online": [{"score_mean": s} for s in online or []],
         "timings_s": {"total": 100.0 * seed},
         "local_posteriors": {"std": 0.5 + 0.2 * seed, "active_dims": 100 * seed, "dims": 512},
     }  # fmt: skip
+    if online is None:  # stopped by --deadline before its first round ended
+        del metrics["online"]
     if offline_run_s is not None:
         offline_command = f"python {script} --env-id umaze --seed {seed} --exp-name bench-offline"
         metrics["init_from"] = {"command": offline_command, "timings_s": {"total": offline_run_s}}
@@ -65,6 +68,11 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
     fake_run(tmp_path, "o", "offline", 1, 45.0, [])  # what the variants start from: not a row
     fake_run(tmp_path, "c", "prior", 1, 10.0, [20.0, 30.0])
     fake_run(tmp_path, "d", "gac_maze2d", 1, 99.0, [99.0, 99.0])  # exp-name "bench-gac_maze2d": another variant
+    # runs stopped by --deadline: the seeds are compared at the last round all of them finished
+    fake_run(tmp_path, "f", "offline-data", 1, 10.0, [30.0, 31.0], online_rounds=3)
+    fake_run(tmp_path, "g", "offline-data", 2, 20.0, [40.0], online_rounds=3)
+    fake_run(tmp_path, "h", "fixed-target", 1, 10.0, [25.0])
+    fake_run(tmp_path, "i", "fixed-target", 2, 20.0, None)
     (tmp_path / "runs" / "e").mkdir()
     (tmp_path / "runs" / "e" / "metrics.json").write_text(json.dumps({"args": {"exp_name": "gac_maze2d"}}))
     (tmp_path / "README.md").write_text("intro\n<!-- benchmark:start -->\nold\n<!-- benchmark:end -->\nrest\n")
@@ -83,5 +91,7 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
         "--exp-name bench-gac --init-from <offline run>`" in readme
     )
     assert "| offline |" not in readme
-    assert readme.count("| gac_maze2d.py |") == 3  # gac, prior, gac_maze2d; the non-benchmark run is left out
+    assert "| 15.0 +- 5.0 | 35.0 +- 5.0 (1 of 3 rounds) |" in readme  # round 1 of both seeds
+    assert "| fixed-target | 1 2 | 15.0 +- 5.0 | - |" in readme
+    assert readme.count("| gac_maze2d.py |") == 5  # gac, prior, gac_maze2d; the non-benchmark run is left out
     assert (tmp_path / "benchmark" / "score_by_round.png").stat().st_size > 0
