@@ -94,7 +94,11 @@ class Args:
     num_iterations: int = 5000
     """global (parameter) updates of the offline phase"""
     batch_size: int = 64
-    """trajectories per update, drawn in proportion to their length"""
+    """whole trajectories per update, drawn as --sample-by says"""
+    sample_by: str = "length"
+    """length: trajectories drawn in proportion to their length, as LPT's code does (the loss then weighs a long
+    trajectory's steps and return more than the ELBO's sum over trajectories); uniform: each trajectory equally
+    likely, an unbiased estimate of that sum"""
     learning_rate: float = 3e-4
     """AdamW learning rate of the model parameters (alpha, beta, gamma)"""
     weight_decay: float = 1e-4
@@ -213,6 +217,8 @@ def check_args(args: Args):
         fail(f"--time-embedding must be absolute or block, got {args.time_embedding!r}")
     if args.target_from not in ("buffer", "prior"):
         fail(f"--target-from must be buffer or prior, got {args.target_from!r}")
+    if args.sample_by not in ("length", "uniform"):
+        fail(f"--sample-by must be length or uniform, got {args.sample_by!r}")
     if not 0.0 <= args.quantile <= 1.0:
         fail(f"--quantile must be in [0, 1], got {args.quantile}")
     if not 0.0 <= args.online_fraction <= 1.0:
@@ -615,11 +621,19 @@ def sample_blocks(lengths: torch.Tensor, context_len: int, max_blocks: int, n_bl
 
 
 def sample_batch(
-    lengths: torch.Tensor, n_offline: int, batch_size: int, online_fraction: float, generator: torch.Generator
+    lengths: torch.Tensor,
+    n_offline: int,
+    batch_size: int,
+    online_fraction: float,
+    generator: torch.Generator,
+    by_length: bool = True,
 ) -> torch.Tensor:
-    """Trajectory indices drawn with probability proportional to length (every timestep equally likely). Once the
-    buffer holds online trajectories (indices from n_offline on), round(online_fraction * batch_size) come from them."""
-    weights = lengths.float()
+    """Trajectory indices drawn with probability proportional to length (`by_length`) or uniformly; an empty
+    trajectory is never drawn. A drawn trajectory brings all its steps: drawing by length makes one twice as long
+    weigh four times as much in the loss, where the ELBO gives its actions twice and its return the same. Once
+    the buffer holds online trajectories (indices from n_offline on), round(online_fraction * batch_size) come
+    from them."""
+    weights = lengths.float() if by_length else (lengths > 0).float()
     n_online = round(online_fraction * batch_size) if len(lengths) > n_offline else 0
     parts = []
     if n_online < batch_size:
@@ -645,7 +659,9 @@ def train_iteration(
     The batch is drawn on the CPU with `sampler`, the rest on the device with `generator`: nothing in an iteration
     waits for the device, so the host queues the next iteration's work while the device runs this one's."""
     device = buffer.states.device
-    idx = sample_batch(buffer.lengths, n_offline, args.batch_size, args.online_fraction, sampler)
+    idx = sample_batch(
+        buffer.lengths, n_offline, args.batch_size, args.online_fraction, sampler, args.sample_by == "length"
+    )
     lengths, K = buffer.lengths[idx], args.context_len
     T = int(math.ceil(int(lengths.max()) / K) * K)  # only as many blocks as the longest trajectory needs
     idx, lengths = to_device(idx, device), to_device(lengths, device)

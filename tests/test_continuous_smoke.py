@@ -123,6 +123,7 @@ def test_bad_input_gets_one_line(minari_root, tmp_path):
         (["--env-id", "Pendulum"], "valid: Hopper, Walker2d, HalfCheetah, Ant"),
         (["--dataset-id", "mujoco/hopper/nonexistent-v0"], "minari download mujoco/hopper/nonexistent-v0"),
         (["--dataset-id", TINY_HOPPER, "--quantile", "2"], "--quantile must be in [0, 1]"),
+        (["--dataset-id", TINY_HOPPER, "--sample-by", "steps"], "--sample-by must be length or uniform"),
         (["--resume", str(tmp_path / "nowhere")], "no checkpoint at"),
         (["--init-from", str(tmp_path / "nowhere")], "no offline checkpoint at"),
         (["--dataset", "bogus"], "valid: simple, medium, expert, d4rl-medium"),

@@ -303,6 +303,9 @@ def test_sample_batch_weights_by_length_and_gives_online_data_its_share():
     assert (idx >= 3).sum() == 2000 and (idx[:2000] < 3).all()
     assert (gac.sample_batch(lengths, 3, 10, 1.0, generator) >= 3).all()
     assert (gac.sample_batch(lengths, 3, 10, 0.0, generator) < 3).all()
+    # --sample-by uniform: every non-empty trajectory equally likely
+    idx = gac.sample_batch(lengths[:3], 3, 4000, 0.5, generator, by_length=False)
+    assert not (idx == 1).any() and abs((idx == 2).float().mean().item() - 0.5) < 0.03
 
 
 def test_sample_blocks_draws_valid_blocks_and_weights_them():

@@ -11,6 +11,7 @@ import gymnasium as gym
 import minari
 import numpy as np
 import pytest
+import torch
 from conftest import ROOT
 
 import gac_maze2d as gac
@@ -214,11 +215,22 @@ def test_end_to_end_regenerates_then_reuses_the_dataset(minari_root, tmp_path):
     assert [e["iteration"] for e in metrics["evaluations"]] == [10] and "offline" in metrics["analysis"]
 
 
+def test_sample_batch_by_length_or_uniformly():
+    generator = torch.Generator().manual_seed(0)
+    lengths = torch.tensor([100, 0, 300])
+    by_length = gac.sample_batch(lengths, 3, 4000, 0.5, generator)
+    uniform = gac.sample_batch(lengths, 3, 4000, 0.5, generator, by_length=False)
+    assert not (by_length == 1).any() and not (uniform == 1).any()  # an empty trajectory is never drawn
+    assert abs((by_length == 2).float().mean().item() - 0.75) < 0.03
+    assert abs((uniform == 2).float().mean().item() - 0.5) < 0.03
+
+
 def test_bad_input_gets_one_line(tmp_path):
     script = os.path.join(ROOT, "gac_maze2d.py")
     for flags, expected in [
         (["--env-id", "huge"], "valid: umaze, medium, large"),
         (["--training-return", "raw"], "--training-return must be hindsight, hold or dataset"),
+        (["--sample-by", "steps"], "--sample-by must be length or uniform"),
     ]:
         result = subprocess.run([sys.executable, script, *flags], cwd=tmp_path, capture_output=True, text=True)
         lines = result.stderr.strip().splitlines()
