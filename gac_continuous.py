@@ -453,9 +453,11 @@ class Block(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """x [B * blocks, L, d], one sequence per block; memory [B, P, d], shared by each trajectory's blocks."""
         x = x + self.self_attn(self.ln_self(x), causal=self.causal)
-        if memory is not None:
-            x = x + self.cross_attn(self.ln_cross(x), memory=self.ln_memory(memory))
+        if memory is not None:  # cross-attention sees no block boundary: one query sequence per trajectory
+            query = self.ln_cross(x).reshape(memory.shape[0], -1, x.shape[-1])
+            x = x + self.cross_attn(query, memory=self.ln_memory(memory)).reshape(x.shape)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -515,9 +517,8 @@ class TrajectoryGenerator(nn.Module):
         tokens = torch.stack([self.embed_state(states) + time, self.embed_action(actions) + time], dim=2)
         # [B, T, 2, d] -> [B * blocks, 2 * context_len, d]: interleaved s_t, a_t, one sequence per block
         x = self.embed_dropout(self.embed_ln(tokens.reshape(B * blocks_per_traj, 2 * self.context_len, -1)))
-        memory = plan_tokens.repeat_interleave(blocks_per_traj, dim=0)
         for block in self.blocks:
-            x = block(x, memory)
+            x = block(x, plan_tokens)
         x = self.ln_f(x).reshape(B, T, 2, -1)[:, :, 0]  # a_t is read from the s_t token
         return torch.tanh(self.action_mean(x))
 

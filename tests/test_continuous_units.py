@@ -143,6 +143,24 @@ def test_generator_is_causal_within_a_block_and_blind_across_blocks():
     assert not torch.allclose(out[0, 2:4], base[0, 2:4])
 
 
+def test_each_trajectory_reads_its_own_plan_in_every_block():
+    """Cross-attention runs once per trajectory over all its blocks: batching must not mix trajectories."""
+    model = tiny_model().eval()
+    B, T = 3, 12  # three blocks of context_len=4 each
+    states, actions = torch.randn(B, T, 3), torch.randn(B, T, 2)
+    timesteps = torch.arange(T).expand(B, T)
+    plan = torch.randn(B, 2, 16)
+    batched = model.generator(states, actions, timesteps, plan)
+    for i in range(B):
+        alone = model.generator(states[i : i + 1], actions[i : i + 1], timesteps[i : i + 1], plan[i : i + 1])
+        torch.testing.assert_close(batched[i], alone[0])
+    other = plan.clone()
+    other[1] += torch.randn(2, 16)  # not a constant shift, which ln_memory would remove
+    out = model.generator(states, actions, timesteps, other)
+    assert torch.equal(out[0], batched[0]) and torch.equal(out[2], batched[2])
+    assert not torch.allclose(out[1, 8:], batched[1, 8:])  # the last block reads the plan too
+
+
 @pytest.mark.parametrize("time_embedding", ["absolute", "block"])
 def test_acting_with_a_rolling_block_reproduces_the_training_conditionals(time_embedding):
     """The rollout writes step t into slot t % K of a K-step buffer that still holds stale later slots; the

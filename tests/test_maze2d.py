@@ -225,6 +225,26 @@ def test_sample_batch_by_length_or_uniformly():
     assert abs((uniform == 2).float().mean().item() - 0.5) < 0.03
 
 
+def test_each_trajectory_reads_its_own_plan_in_every_block():
+    """Cross-attention runs once per trajectory over all its blocks: batching must not mix trajectories."""
+    torch.manual_seed(0)
+    args = gac.Args(d_model=16, n_layer=2, n_head=2, n_latent=3, context_len=4, dropout=0.0)
+    model = gac.GAC(6, 2, args, 16).eval()
+    B, T = 3, 12  # three blocks each
+    states, actions = torch.randn(B, T, 6), torch.randn(B, T, 2)
+    timesteps = torch.arange(T).expand(B, T)
+    plan = torch.randn(B, 2, 16)
+    batched = model.generator(states, actions, timesteps, plan)
+    for i in range(B):
+        alone = model.generator(states[i : i + 1], actions[i : i + 1], timesteps[i : i + 1], plan[i : i + 1])
+        torch.testing.assert_close(batched[i], alone[0])
+    other = plan.clone()
+    other[1] += torch.randn(2, 16)  # not a constant shift, which ln_memory would remove
+    out = model.generator(states, actions, timesteps, other)
+    assert torch.equal(out[0], batched[0]) and torch.equal(out[2], batched[2])
+    assert not torch.allclose(out[1, 8:], batched[1, 8:])  # the last block reads the plan too
+
+
 def test_bad_input_gets_one_line(tmp_path):
     script = os.path.join(ROOT, "gac_maze2d.py")
     for flags, expected in [
