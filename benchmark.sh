@@ -9,6 +9,8 @@
 #   ./benchmark.sh --collect            # only collect the runs already under runs/
 #   ./benchmark.sh --speed              # one Hopper run here, then where its time went and its throughput
 #   ./benchmark.sh --micro              # the hot paths alone on synthetic Hopper-size data, then a profile
+#     (env: SMALL=1 tiny sizes, COMPILE=0 no torch.compile, PARTS=act,train,padding,profile, BATCH, REPS,
+#      LENGTHS=an .npz with a dataset's `lengths`, e.g. the cache gac_continuous.py writes beside it)
 #   ./benchmark.sh --dry-run            # print the runs of the grid
 #   ./benchmark.sh --deadline 540 ...   # stop every run 540 s after the start (SIGTERM; metrics.json is kept)
 #
@@ -43,7 +45,7 @@ while (($#)); do
     --out) OUT=$2; shift 2 ;;
     --deadline) DEADLINE=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h | --help) sed -n '2,21p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "benchmark.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -288,11 +290,12 @@ sys.path.insert(0, os.getcwd())
 import gac_continuous as g
 
 small = os.environ.get("SMALL") == "1"
+parts = os.environ.get("PARTS", "act,train,padding,profile").split(",")  # which timings to run
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 N, T = (40, 96) if small else (2000, 1000)
-reps = 3 if small else 30
+reps = int(os.environ.get("REPS", 3 if small else 30))
 obs_dim, act_dim = 11, 3
 print(device, torch.cuda.get_device_name() if device.type == "cuda" else "", torch.__version__, flush=True)
 
@@ -309,6 +312,11 @@ def setup(**overrides):
     states = torch.randn(N, padded, obs_dim, device=device)
     actions = torch.rand(N, padded, act_dim, device=device) * 2 - 1
     lengths = torch.randint(T // 3, T + 1, (N,), device=device)
+    if os.environ.get("LENGTHS"):  # a real dataset's lengths: an .npz with `lengths`, e.g. the scripts' cache
+        import numpy as np
+
+        real = torch.as_tensor(np.load(os.path.expanduser(os.environ["LENGTHS"]))["lengths"]).clamp(max=T)
+        lengths = real[torch.randint(len(real), (N,))].to(device)
     buffer = g.TrajectoryBuffer(states, actions, lengths, lengths.double(), torch.rand(N, device=device))
     opt = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, fused=device.type == "cuda")  # as the script
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0)
@@ -376,6 +384,41 @@ def act_speed(num_envs=50):
     print(f"exploit_plans {num_envs} states x 16 candidates x 50 steps: {time.time() - t0:.2f} s", flush=True)
 
 
+def padding_speed(batch=int(os.environ.get("BATCH", "64"))):
+    """One forward-backward pass of the likelihoods on batches drawn by length, every block computed or only the
+    blocks that hold steps (what train_iteration does)."""
+    args, model, buffer, *_ = setup()
+    K, sampler = args.context_len, torch.Generator().manual_seed(1)
+    cpu_lengths = buffer.lengths.cpu()
+    batches = []
+    for _ in range(reps):
+        idx = g.sample_batch(cpu_lengths, N, batch, 0.0, sampler)
+        lengths = cpu_lengths[idx]
+        T_batch = int(-(-int(lengths.max()) // K) * K)
+        blocks = (torch.arange(T_batch // K) < (lengths[:, None] + K - 1) // K).flatten().nonzero().squeeze(1)
+        batches.append((idx.to(device), lengths.to(device), T_batch, blocks.to(device)))
+    full = sum(len(b[3]) for b in batches) / sum(len(b[0]) * b[2] // K for b in batches)
+    for skip in (False, True, False, True):
+        t0, tokens = time.time(), 0.0
+        for idx, lengths, T_batch, blocks in batches:
+            states, actions = buffer.states[idx, :T_batch], buffer.actions[idx, :T_batch]
+            mask, timesteps = g.valid_mask(lengths, T_batch), torch.arange(T_batch, device=device).expand(len(idx), -1)
+            z0 = torch.randn(len(idx), args.n_latent, args.d_model, device=device, requires_grad=True)
+            with autocast():
+                action_ll, return_ll, _ = g.log_likelihoods(
+                    model, z0, states[:, 0], states, actions, timesteps, mask, buffer.y[idx].float(), 0.1,
+                    blocks if skip else None,
+                )  # fmt: skip
+            (action_ll + return_ll).sum().backward()
+            tokens = tokens + 2 * mask.sum()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.time() - t0
+        print(f"forward-backward, batch {batch}, {'only the blocks that hold steps' if skip else 'every block'}: "
+              f"{dt / reps:.3f} s, {float(tokens) / dt / 1e6:.3f} M trajectory tokens/s "
+              f"({100 * full:.0f} % of the blocks hold steps)", flush=True)  # fmt: skip
+
+
 def kernel_profile(updates=5):
     """Where an update spends its time, operator by operator (device time on a GPU, CPU time here)."""
     from torch.profiler import ProfilerActivity, profile
@@ -394,15 +437,20 @@ def kernel_profile(updates=5):
     print(prof.key_averages().table(sort_by=sort, row_limit=15, max_name_column_width=60), flush=True)
 
 
-act_speed()
-train_speed("default (batch 64, 3 inner steps, bf16)")
-train_speed("the host waiting for the device after each update", wait=True)
-train_speed("no inner steps", inner_steps=0)
-train_speed("inner steps on 8 random blocks (--inner-blocks 8)", inner_blocks=8)
-train_speed("batch 256", batch_size=256)
-if os.environ.get("COMPILE", "1") == "1":
-    train_speed("torch.compile", compile_model=True)
-kernel_profile(1 if small else 5)
+if "act" in parts:
+    act_speed()
+if "train" in parts:
+    train_speed("default (batch 64, 3 inner steps, bf16)")
+    train_speed("the host waiting for the device after each update", wait=True)
+    train_speed("no inner steps", inner_steps=0)
+    train_speed("inner steps on 8 random blocks (--inner-blocks 8)", inner_blocks=8)
+    train_speed("batch 256", batch_size=256)
+    if os.environ.get("COMPILE", "1") == "1":
+        train_speed("torch.compile", compile_model=True)
+if "padding" in parts:
+    padding_speed()
+if "profile" in parts:
+    kernel_profile(1 if small else 5)
 EOF
 }
 

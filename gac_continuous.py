@@ -425,11 +425,14 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, causal: bool = False) -> torch.Tensor:
+    def forward(self, x, memory=None, memory_index=None, causal: bool = False) -> torch.Tensor:
+        """x [B, T, d]; memory [M, S, d], by default one row per row of x, else row memory_index[i] for x[i]."""
         B, T, D = x.shape
         source = x if memory is None else memory
         q = self.query(x).view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
-        k, v = self.key_value(source).view(B, source.shape[1], 2, self.n_head, D // self.n_head).unbind(2)
+        k, v = self.key_value(source).view(len(source), source.shape[1], 2, self.n_head, D // self.n_head).unbind(2)
+        if memory_index is not None:  # keys and values are computed once per memory row, then shared
+            k, v = k[memory_index], v[memory_index]
         y = F.scaled_dot_product_attention(
             q, k.transpose(1, 2), v.transpose(1, 2), dropout_p=self.dropout if self.training else 0.0, is_causal=causal
         )
@@ -452,12 +455,11 @@ class Block(nn.Module):
             nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
         )
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
-        """x [B * blocks, L, d], one sequence per block; memory [B, P, d], shared by each trajectory's blocks."""
+    def forward(self, x: torch.Tensor, memory=None, memory_index=None) -> torch.Tensor:
+        """x [N, L, d], N sequences; memory [M, P, d] read by sequence i at row memory_index[i] (see Attention)."""
         x = x + self.self_attn(self.ln_self(x), causal=self.causal)
-        if memory is not None:  # cross-attention sees no block boundary: one query sequence per trajectory
-            query = self.ln_cross(x).reshape(memory.shape[0], -1, x.shape[-1])
-            x = x + self.cross_attn(query, memory=self.ln_memory(memory)).reshape(x.shape)
+        if memory is not None:
+            x = x + self.cross_attn(self.ln_cross(x), self.ln_memory(memory), memory_index)
         return x + self.mlp(self.ln_mlp(x))
 
 
@@ -505,22 +507,31 @@ class TrajectoryGenerator(nn.Module):
         self.action_mean = nn.Linear(d, act_dim)
         self.action_log_std = nn.Parameter(torch.zeros(act_dim))
 
-    def forward(self, states, actions, timesteps, plan_tokens) -> torch.Tensor:
+    def forward(self, states, actions, timesteps, plan_tokens, blocks=None) -> torch.Tensor:
         """states [B, T, obs], actions [B, T, act], timesteps [B, T], plan_tokens [B, P, d]; T a multiple of the
-        context. Returns the mean of p(a_t | s_t and the block's earlier steps, z): [B, T, act], in (-1, 1)."""
+        context. Returns the mean of p(a_t | s_t and the block's earlier steps, z): [B, T, act], in (-1, 1).
+        `blocks`: which of the B * T / context_len blocks (trajectory after trajectory) to compute; the others,
+        padding past a trajectory's end, are left out and come back as 0. Default: all of them."""
         B, T, _ = states.shape
-        blocks_per_traj = T // self.context_len
+        K, n = self.context_len, T // self.context_len
+        states, actions, timesteps = (x.reshape(B * n, K, *x.shape[2:]) for x in (states, actions, timesteps))
+        if blocks is not None:
+            states, actions, timesteps = states[blocks], actions[blocks], timesteps[blocks]
+        owner = (blocks if blocks is not None else torch.arange(B * n, device=states.device)) // n  # trajectory
         if self.block_time:  # blocks start at multiples of the context: this is the position in the block
-            time = self.embed_timestep(timesteps % self.context_len)
+            time = self.embed_timestep(timesteps % K)
         else:  # steps past the longest episode the model was built for share its last embedding
             time = self.embed_timestep(timesteps.clamp(max=self.embed_timestep.num_embeddings - 1))
         tokens = torch.stack([self.embed_state(states) + time, self.embed_action(actions) + time], dim=2)
-        # [B, T, 2, d] -> [B * blocks, 2 * context_len, d]: interleaved s_t, a_t, one sequence per block
-        x = self.embed_dropout(self.embed_ln(tokens.reshape(B * blocks_per_traj, 2 * self.context_len, -1)))
+        # [blocks, K, 2, d] -> [blocks, 2K, d]: interleaved s_t, a_t, one sequence per block
+        x = self.embed_dropout(self.embed_ln(tokens.flatten(1, 2)))
         for block in self.blocks:
-            x = block(x, plan_tokens)
-        x = self.ln_f(x).reshape(B, T, 2, -1)[:, :, 0]  # a_t is read from the s_t token
-        return torch.tanh(self.action_mean(x))
+            x = block(x, plan_tokens, owner)
+        x = self.ln_f(x).reshape(len(x), K, 2, -1)[:, :, 0]  # a_t is read from the s_t token
+        mean = torch.tanh(self.action_mean(x))
+        if blocks is not None:
+            mean = mean.new_zeros(B * n, *mean.shape[1:]).index_copy(0, blocks, mean)
+        return mean.reshape(B, T, -1)
 
 
 class GAC(nn.Module):
@@ -579,10 +590,11 @@ def free_bits_kl(kl: torch.Tensor, free_bits: float) -> torch.Tensor:
     return kl.mean(0).clamp(min=free_bits).sum()
 
 
-def log_likelihoods(model: GAC, z0, s0, states, actions, timesteps, mask, y, return_std: float):
-    """Per trajectory: log p_beta(actions | states, z) summed over its valid steps, log p_gamma(y | z), E[y | z]."""
+def log_likelihoods(model: GAC, z0, s0, states, actions, timesteps, mask, y, return_std: float, blocks=None):
+    """Per trajectory: log p_beta(actions | states, z) summed over its valid steps, log p_gamma(y | z), E[y | z].
+    `blocks`: the generator's blocks that hold valid steps (see TrajectoryGenerator.forward); default all."""
     return_tokens, plan_tokens = model.plan(z0, s0)
-    action_mean = model.generator(states, actions, timesteps, plan_tokens).float()
+    action_mean = model.generator(states, actions, timesteps, plan_tokens, blocks).float()
     log_std = model.generator.action_log_std.clamp(min=-5.0)
     action_ll = (gaussian_log_prob(actions, action_mean, log_std).sum(-1) * mask).sum(1)
     y_hat = model.expected_return(return_tokens)
@@ -665,26 +677,28 @@ def train_iteration(
     )
     lengths, K = buffer.lengths[idx], args.context_len
     T = int(math.ceil(int(lengths.max()) / K) * K)  # only as many blocks as the longest trajectory needs
-    idx, lengths = to_device(idx, device), to_device(lengths, device)
+    # the blocks that hold a trajectory's steps: the generator skips the rest, padding (half of Hopper's blocks)
+    blocks = (torch.arange(T // K) < (lengths[:, None] + K - 1) // K).flatten().nonzero().squeeze(1)
+    idx, lengths, blocks = to_device(idx, device), to_device(lengths, device), to_device(blocks, device)
     states, actions, y = buffer.states[idx, :T], buffer.actions[idx, :T], buffer.y[idx].float()
     mask = valid_mask(lengths, T)
     timesteps = torch.arange(T, device=states.device).expand(len(idx), T)
     s0 = states[:, 0]
 
     # the inner steps read every block, or with --inner-blocks a random few of them, scaled up by `weight`
-    inner, weight = (states, actions, timesteps, mask), 1.0
+    inner, inner_blocks, weight = (states, actions, timesteps, mask), blocks, 1.0
     if 0 < args.inner_blocks < T // K:
-        blocks, weight = sample_blocks(lengths, K, T // K, args.inner_blocks, generator)
+        chosen, weight = sample_blocks(lengths, K, T // K, args.inner_blocks, generator)
         rows = torch.arange(len(idx), device=states.device)[:, None]
 
         def pick(x):  # [B, T, ...] -> the chosen blocks [B, n * K, ...]
-            return x.reshape(len(idx), T // K, K, *x.shape[2:])[rows, blocks].flatten(1, 2)
+            return x.reshape(len(idx), T // K, K, *x.shape[2:])[rows, chosen].flatten(1, 2)
 
-        inner = tuple(pick(x) for x in inner)
+        inner, inner_blocks = tuple(pick(x) for x in inner), None
 
     def log_joint(z0):  # log p(tau | z) + log p(y | z)
         with autocast():
-            action_ll, return_ll, _ = log_likelihoods(model, z0, s0, *inner, y, args.return_std)
+            action_ll, return_ll, _ = log_likelihoods(model, z0, s0, *inner, y, args.return_std, inner_blocks)
         return weight * action_ll + return_ll
 
     # (1) local variational inference on q_i(z0) for the batch, parameters fixed, no dropout
@@ -700,7 +714,7 @@ def train_iteration(
     z0 = mu + (0.5 * logvar).exp() * eps
     with autocast():
         action_ll, return_ll, y_hat = log_likelihoods(
-            model, z0, s0, states, actions, timesteps, mask, y, args.return_std
+            model, z0, s0, states, actions, timesteps, mask, y, args.return_std, blocks
         )
     n_steps = mask.sum()
     loss = -(action_ll + return_ll).sum() / n_steps  # the negative ELBO per timestep, up to the constant KL

@@ -280,6 +280,35 @@ def test_exploration_plans_follow_a_target_per_state():
     assert reached[8:].mean() - reached[:8].mean() > spread  # low targets low, high targets high
 
 
+def test_skipping_the_padding_blocks_changes_no_likelihood_and_no_gradient():
+    """train_iteration hands the generator only the blocks that hold steps: the result must be the same."""
+    model = tiny_model(max_len=12)
+    lengths = torch.tensor([12, 5, 1])  # 3, 2 and 1 of the 3 blocks of context_len=4 hold steps
+    states, actions = torch.randn(3, 12, 3), torch.rand(3, 12, 2) * 2 - 1
+    timesteps, mask, y = torch.arange(12).expand(3, 12), gac.valid_mask(lengths, 12), torch.rand(3)
+    blocks = torch.tensor([0, 1, 2, 3, 4, 6])
+    results = []
+    for which in (None, blocks):
+        model.zero_grad()
+        z0 = torch.randn(3, 3, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        action_ll, return_ll, _ = gac.log_likelihoods(
+            model, z0, states[:, 0], states, actions, timesteps, mask, y, 0.1, which
+        )
+        (action_ll + return_ll).sum().backward()
+        results.append(
+            (action_ll.detach(), z0.grad, [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        )
+    (full_ll, full_z, full_p), (skip_ll, skip_z, skip_p) = results
+    torch.testing.assert_close(skip_ll, full_ll)
+    torch.testing.assert_close(skip_z, full_z)
+    assert len(skip_p) == len(full_p)
+    for a, b in zip(skip_p, full_p, strict=True):
+        torch.testing.assert_close(a, b)
+    padded = model.generator(states, actions, timesteps, torch.randn(3, 2, 16), blocks)
+    assert padded[1, 8:].abs().sum() == 0 and padded[2, 4:].abs().sum() == 0  # skipped blocks come back as 0
+    assert padded[1, :8].abs().sum() > 0
+
+
 def test_train_iteration_fills_the_local_posteriors_and_returns_every_term():
     torch.manual_seed(0)
     model = tiny_model(max_len=8)
