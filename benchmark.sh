@@ -9,7 +9,7 @@
 #   ./benchmark.sh --collect            # only collect the runs already under runs/
 #   ./benchmark.sh --speed              # one Hopper run here, then where its time went and its throughput
 #   ./benchmark.sh --micro              # the hot paths alone on synthetic Hopper-size data, then a profile
-#     (env: SMALL=1 tiny sizes, COMPILE=0 no torch.compile, PARTS=act,train,padding,profile, BATCH, REPS,
+#     (env: SMALL=1 tiny sizes, COMPILE=0 no torch.compile, PARTS=act,eval,train,padding,profile, BATCH, REPS,
 #      LENGTHS=an .npz with a dataset's `lengths`, e.g. the cache gac_continuous.py writes beside it)
 #   ./benchmark.sh --dry-run            # print the runs of the grid
 #   ./benchmark.sh --deadline 540 ...   # stop every run 540 s after the start (SIGTERM; metrics.json is kept)
@@ -290,7 +290,7 @@ sys.path.insert(0, os.getcwd())
 import gac_continuous as g
 
 small = os.environ.get("SMALL") == "1"
-parts = os.environ.get("PARTS", "act,train,padding,profile").split(",")  # which timings to run
+parts = os.environ.get("PARTS", "act,eval,train,padding,profile").split(",")  # which timings to run
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
@@ -384,6 +384,29 @@ def act_speed(num_envs=50):
     print(f"exploit_plans {num_envs} states x 16 candidates x 50 steps: {time.time() - t0:.2f} s", flush=True)
 
 
+def eval_speed(num_envs=4 if small else 50):
+    """An evaluation as the script runs it, exploitation at each reset and the model acting, on Hopper-v5 kept alive
+    for 1,000 steps (terminate_when_unhealthy=False, so every episode is full length), with the environments
+    stepped in this process (SyncVectorEnv, the default) or one subprocess each (AsyncVectorEnv, --async-envs)."""
+    import gymnasium as gym
+    import numpy as np
+
+    args, model, *_ = setup()
+    steps = 50 if small else 1000
+    for vector_env in (gym.vector.SyncVectorEnv, gym.vector.AsyncVectorEnv):
+        make = [lambda: gym.make("Hopper-v5", terminate_when_unhealthy=False, max_episode_steps=steps)] * num_envs
+        envs = vector_env(make, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        t0 = time.time()
+        episodes = g.rollout(
+            envs, model, lambda s0: (g.exploit_plans(model, s0, args, autocast)[0], {}), num_envs,
+            lambda obs: obs.astype(np.float32), args, 0, autocast, "evaluate",
+        )  # fmt: skip
+        dt = time.time() - t0
+        envs.close()
+        print(f"evaluation, {num_envs} episodes of {steps} steps, {vector_env.__name__}: {dt:.1f} s, "
+              f"{sum(episodes['lengths']) / dt:.0f} environment steps/s with the model acting", flush=True)  # fmt: skip
+
+
 def padding_speed(batch=int(os.environ.get("BATCH", "64"))):
     """One forward-backward pass of the likelihoods on batches drawn by length, every block computed or only the
     blocks that hold steps (what train_iteration does)."""
@@ -439,6 +462,8 @@ def kernel_profile(updates=5):
 
 if "act" in parts:
     act_speed()
+if "eval" in parts:
+    eval_speed()
 if "train" in parts:
     train_speed("default (batch 64, 3 inner steps, bf16)")
     train_speed("the host waiting for the device after each update", wait=True)
