@@ -947,6 +947,12 @@ def plot_inference_dynamics(trace: torch.Tensor, best: torch.Tensor, achieved_y:
     return figure
 
 
+def online_part(buffer: TrajectoryBuffer, n_offline: int) -> dict[str, torch.Tensor]:
+    """The buffer's online trajectories (from index n_offline on), copied to the CPU on their own: torch.save of a
+    slice writes the storage under it, and the whole offline dataset with it."""
+    return {key: value[n_offline:].to("cpu", copy=True) for key, value in asdict(buffer).items()}
+
+
 def save_checkpoint(path: str, state: dict):
     """Writes atomically: a kill mid-write leaves the previous checkpoint intact."""
     tmp_path = path + ".tmp"
@@ -1121,7 +1127,6 @@ if __name__ == "__main__":
     def checkpoint_now(round_index: int):
         if not args.save_model:
             return
-        online = {k: v[n_offline:].cpu() for k, v in asdict(buffer).items()}
         save_checkpoint(
             os.path.join(run_dir, "checkpoint.pt"),
             {
@@ -1130,7 +1135,7 @@ if __name__ == "__main__":
                 "scheduler": scheduler.state_dict(),
                 "posterior_mu": posterior_mu.cpu(),
                 "posterior_logvar": posterior_logvar.cpu(),
-                "online_buffer": online,
+                "online_buffer": online_part(buffer, n_offline),
                 "generator_state": generator.get_state(),
                 "sampler_state": sampler.get_state(),
                 "torch_rng_state": torch.get_rng_state(),

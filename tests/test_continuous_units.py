@@ -1,5 +1,6 @@
 """Unit tests for the pieces of gac_continuous.py that can be wrong quietly."""
 
+import io
 import math
 
 import gymnasium as gym
@@ -441,6 +442,17 @@ def test_read_episodes_caches_and_notices_a_rewritten_dataset(minari_root):
     assert gac.read_episodes(dataset)[0][0][0, 0] == fresh[0][0][0, 0] + 1  # it is what the next run reads
     os.utime(os.path.join(folder, "data"), (1e9, 1e9))  # the dataset rewritten in place
     np.testing.assert_array_equal(gac.read_episodes(dataset)[0][0], fresh[0][0])
+
+
+def test_checkpoints_carry_the_online_trajectories_but_not_the_offline_data():
+    states, actions = torch.randn(500, 64, 3), torch.randn(500, 64, 2)
+    buffer = gac.TrajectoryBuffer(states, actions, torch.full((500,), 64), torch.zeros(500), torch.zeros(500))
+    for n_offline, n_online in [(500, 0), (498, 2)]:
+        online = gac.online_part(buffer, n_offline)
+        assert len(online["states"]) == n_online and torch.equal(online["states"], states[n_offline:])
+        saved = io.BytesIO()
+        torch.save(online, saved)
+        assert saved.tell() < 10_000 + n_online * 64 * 5 * 4  # not the 640 kB of the whole buffer
 
 
 def test_checkpoint_round_trips_with_weights_only(tmp_path):

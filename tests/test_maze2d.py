@@ -1,6 +1,7 @@
 """gac_maze2d.py: flattening, BFS, the waypoint controller, regeneration, training returns, analyses, end to end."""
 
 import glob
+import io
 import json
 import os
 import subprocess
@@ -274,6 +275,17 @@ def test_skipping_the_padding_blocks_changes_no_likelihood_and_no_gradient():
     padded = model.generator(states, actions, timesteps, torch.randn(3, 2, 16), blocks)
     assert padded[1, 8:].abs().sum() == 0 and padded[2, 4:].abs().sum() == 0  # skipped blocks come back as 0
     assert padded[1, :8].abs().sum() > 0
+
+
+def test_checkpoints_carry_the_online_trajectories_but_not_the_offline_data():
+    states, actions = torch.randn(500, 64, 3), torch.randn(500, 64, 2)
+    buffer = gac.TrajectoryBuffer(states, actions, torch.full((500,), 64), torch.zeros(500), torch.zeros(500))
+    for n_offline, n_online in [(500, 0), (498, 2)]:
+        online = gac.online_part(buffer, n_offline)
+        assert len(online["states"]) == n_online and torch.equal(online["states"], states[n_offline:])
+        saved = io.BytesIO()
+        torch.save(online, saved)
+        assert saved.tell() < 10_000 + n_online * 64 * 5 * 4  # not the 640 kB of the whole buffer
 
 
 def test_bad_input_gets_one_line(tmp_path):
