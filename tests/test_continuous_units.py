@@ -1,6 +1,5 @@
 """Unit tests for the pieces of gac_continuous.py that can be wrong quietly."""
 
-import io
 import math
 
 import gymnasium as gym
@@ -144,24 +143,6 @@ def test_generator_is_causal_within_a_block_and_blind_across_blocks():
     assert not torch.allclose(out[0, 2:4], base[0, 2:4])
 
 
-def test_each_trajectory_reads_its_own_plan_in_every_block():
-    """Cross-attention runs once per trajectory over all its blocks: batching must not mix trajectories."""
-    model = tiny_model().eval()
-    B, T = 3, 12  # three blocks of context_len=4 each
-    states, actions = torch.randn(B, T, 3), torch.randn(B, T, 2)
-    timesteps = torch.arange(T).expand(B, T)
-    plan = torch.randn(B, 2, 16)
-    batched = model.generator(states, actions, timesteps, plan)
-    for i in range(B):
-        alone = model.generator(states[i : i + 1], actions[i : i + 1], timesteps[i : i + 1], plan[i : i + 1])
-        torch.testing.assert_close(batched[i], alone[0])
-    other = plan.clone()
-    other[1] += torch.randn(2, 16)  # not a constant shift, which ln_memory would remove
-    out = model.generator(states, actions, timesteps, other)
-    assert torch.equal(out[0], batched[0]) and torch.equal(out[2], batched[2])
-    assert not torch.allclose(out[1, 8:], batched[1, 8:])  # the last block reads the plan too
-
-
 @pytest.mark.parametrize("time_embedding", ["absolute", "block"])
 def test_acting_with_a_rolling_block_reproduces_the_training_conditionals(time_embedding):
     """The rollout writes step t into slot t % K of a K-step buffer that still holds stale later slots; the
@@ -279,35 +260,6 @@ def test_exploration_plans_follow_a_target_per_state():
     with torch.no_grad():
         reached = model.predicted_return(z0, s0)
     assert reached[8:].mean() - reached[:8].mean() > spread  # low targets low, high targets high
-
-
-def test_skipping_the_padding_blocks_changes_no_likelihood_and_no_gradient():
-    """train_iteration hands the generator only the blocks that hold steps: the result must be the same."""
-    model = tiny_model(max_len=12)
-    lengths = torch.tensor([12, 5, 1])  # 3, 2 and 1 of the 3 blocks of context_len=4 hold steps
-    states, actions = torch.randn(3, 12, 3), torch.rand(3, 12, 2) * 2 - 1
-    timesteps, mask, y = torch.arange(12).expand(3, 12), gac.valid_mask(lengths, 12), torch.rand(3)
-    blocks = torch.tensor([0, 1, 2, 3, 4, 6])
-    results = []
-    for which in (None, blocks):
-        model.zero_grad()
-        z0 = torch.randn(3, 3, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-        action_ll, return_ll, _ = gac.log_likelihoods(
-            model, z0, states[:, 0], states, actions, timesteps, mask, y, 0.1, which
-        )
-        (action_ll + return_ll).sum().backward()
-        results.append(
-            (action_ll.detach(), z0.grad, [p.grad.clone() for p in model.parameters() if p.grad is not None])
-        )
-    (full_ll, full_z, full_p), (skip_ll, skip_z, skip_p) = results
-    torch.testing.assert_close(skip_ll, full_ll)
-    torch.testing.assert_close(skip_z, full_z)
-    assert len(skip_p) == len(full_p)
-    for a, b in zip(skip_p, full_p, strict=True):
-        torch.testing.assert_close(a, b)
-    padded = model.generator(states, actions, timesteps, torch.randn(3, 2, 16), blocks)
-    assert padded[1, 8:].abs().sum() == 0 and padded[2, 4:].abs().sum() == 0  # skipped blocks come back as 0
-    assert padded[1, :8].abs().sum() > 0
 
 
 def test_train_iteration_fills_the_local_posteriors_and_returns_every_term():
@@ -442,17 +394,6 @@ def test_read_episodes_caches_and_notices_a_rewritten_dataset(minari_root):
     assert gac.read_episodes(dataset)[0][0][0, 0] == fresh[0][0][0, 0] + 1  # it is what the next run reads
     os.utime(os.path.join(folder, "data"), (1e9, 1e9))  # the dataset rewritten in place
     np.testing.assert_array_equal(gac.read_episodes(dataset)[0][0], fresh[0][0])
-
-
-def test_checkpoints_carry_the_online_trajectories_but_not_the_offline_data():
-    states, actions = torch.randn(500, 64, 3), torch.randn(500, 64, 2)
-    buffer = gac.TrajectoryBuffer(states, actions, torch.full((500,), 64), torch.zeros(500), torch.zeros(500))
-    for n_offline, n_online in [(500, 0), (498, 2)]:
-        online = gac.online_part(buffer, n_offline)
-        assert len(online["states"]) == n_online and torch.equal(online["states"], states[n_offline:])
-        saved = io.BytesIO()
-        torch.save(online, saved)
-        assert saved.tell() < 10_000 + n_online * 64 * 5 * 4  # not the 640 kB of the whole buffer
 
 
 def test_checkpoint_round_trips_with_weights_only(tmp_path):

@@ -1,7 +1,6 @@
 """gac_maze2d.py: flattening, BFS, the waypoint controller, regeneration, training returns, analyses, end to end."""
 
 import glob
-import io
 import json
 import os
 import subprocess
@@ -224,68 +223,6 @@ def test_sample_batch_by_length_or_uniformly():
     assert not (by_length == 1).any() and not (uniform == 1).any()  # an empty trajectory is never drawn
     assert abs((by_length == 2).float().mean().item() - 0.75) < 0.03
     assert abs((uniform == 2).float().mean().item() - 0.5) < 0.03
-
-
-def test_each_trajectory_reads_its_own_plan_in_every_block():
-    """Cross-attention runs once per trajectory over all its blocks: batching must not mix trajectories."""
-    torch.manual_seed(0)
-    args = gac.Args(d_model=16, n_layer=2, n_head=2, n_latent=3, context_len=4, dropout=0.0)
-    model = gac.GAC(6, 2, args, 16).eval()
-    B, T = 3, 12  # three blocks each
-    states, actions = torch.randn(B, T, 6), torch.randn(B, T, 2)
-    timesteps = torch.arange(T).expand(B, T)
-    plan = torch.randn(B, 2, 16)
-    batched = model.generator(states, actions, timesteps, plan)
-    for i in range(B):
-        alone = model.generator(states[i : i + 1], actions[i : i + 1], timesteps[i : i + 1], plan[i : i + 1])
-        torch.testing.assert_close(batched[i], alone[0])
-    other = plan.clone()
-    other[1] += torch.randn(2, 16)  # not a constant shift, which ln_memory would remove
-    out = model.generator(states, actions, timesteps, other)
-    assert torch.equal(out[0], batched[0]) and torch.equal(out[2], batched[2])
-    assert not torch.allclose(out[1, 8:], batched[1, 8:])  # the last block reads the plan too
-
-
-def test_skipping_the_padding_blocks_changes_no_likelihood_and_no_gradient():
-    """train_iteration hands the generator only the blocks that hold steps: the result must be the same."""
-    torch.manual_seed(0)
-    args = gac.Args(d_model=16, n_layer=2, n_head=2, n_latent=3, context_len=4, dropout=0.0)
-    model = gac.GAC(3, 2, args, 12)
-    lengths = torch.tensor([12, 5, 1])  # 3, 2 and 1 of the 3 blocks of context_len=4 hold steps
-    states, actions = torch.randn(3, 12, 3), torch.rand(3, 12, 2) * 2 - 1
-    timesteps, mask, y = torch.arange(12).expand(3, 12), gac.valid_mask(lengths, 12), torch.rand(3)
-    blocks = torch.tensor([0, 1, 2, 3, 4, 6])
-    results = []
-    for which in (None, blocks):
-        model.zero_grad()
-        z0 = torch.randn(3, 3, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
-        action_ll, return_ll, _ = gac.log_likelihoods(
-            model, z0, states[:, 0], states, actions, timesteps, mask, y, 0.1, which
-        )
-        (action_ll + return_ll).sum().backward()
-        results.append(
-            (action_ll.detach(), z0.grad, [p.grad.clone() for p in model.parameters() if p.grad is not None])
-        )
-    (full_ll, full_z, full_p), (skip_ll, skip_z, skip_p) = results
-    torch.testing.assert_close(skip_ll, full_ll)
-    torch.testing.assert_close(skip_z, full_z)
-    assert len(skip_p) == len(full_p)
-    for a, b in zip(skip_p, full_p, strict=True):
-        torch.testing.assert_close(a, b)
-    padded = model.generator(states, actions, timesteps, torch.randn(3, 2, 16), blocks)
-    assert padded[1, 8:].abs().sum() == 0 and padded[2, 4:].abs().sum() == 0  # skipped blocks come back as 0
-    assert padded[1, :8].abs().sum() > 0
-
-
-def test_checkpoints_carry_the_online_trajectories_but_not_the_offline_data():
-    states, actions = torch.randn(500, 64, 3), torch.randn(500, 64, 2)
-    buffer = gac.TrajectoryBuffer(states, actions, torch.full((500,), 64), torch.zeros(500), torch.zeros(500))
-    for n_offline, n_online in [(500, 0), (498, 2)]:
-        online = gac.online_part(buffer, n_offline)
-        assert len(online["states"]) == n_online and torch.equal(online["states"], states[n_offline:])
-        saved = io.BytesIO()
-        torch.save(online, saved)
-        assert saved.tell() < 10_000 + n_online * 64 * 5 * 4  # not the 640 kB of the whole buffer
 
 
 def test_bad_input_gets_one_line(tmp_path):

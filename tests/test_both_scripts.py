@@ -1,0 +1,78 @@
+"""The pieces that gac_continuous.py and gac_maze2d.py share line for line, each test run against both scripts."""
+
+import io
+
+import pytest
+import torch
+
+import gac_continuous
+import gac_maze2d
+
+
+@pytest.fixture(params=[gac_continuous, gac_maze2d], ids=["continuous", "maze2d"])
+def gac(request):
+    return request.param
+
+
+def tiny_model(gac, obs_dim=3, act_dim=2, max_len=16):
+    torch.manual_seed(0)
+    args = gac.Args(d_model=16, n_layer=2, n_head=2, prior_layers=1, n_latent=3, context_len=4, dropout=0.0)
+    return gac.GAC(obs_dim, act_dim, args, max_len)
+
+
+def test_each_trajectory_reads_its_own_plan_in_every_block(gac):
+    """Cross-attention runs once per trajectory over all its blocks: batching must not mix trajectories."""
+    model = tiny_model(gac).eval()
+    B, T = 3, 12  # three blocks of context_len=4 each
+    states, actions = torch.randn(B, T, 3), torch.randn(B, T, 2)
+    timesteps = torch.arange(T).expand(B, T)
+    plan = torch.randn(B, 2, 16)
+    batched = model.generator(states, actions, timesteps, plan)
+    for i in range(B):
+        alone = model.generator(states[i : i + 1], actions[i : i + 1], timesteps[i : i + 1], plan[i : i + 1])
+        torch.testing.assert_close(batched[i], alone[0])
+    other = plan.clone()
+    other[1] += torch.randn(2, 16)  # not a constant shift, which ln_memory would remove
+    out = model.generator(states, actions, timesteps, other)
+    assert torch.equal(out[0], batched[0]) and torch.equal(out[2], batched[2])
+    assert not torch.allclose(out[1, 8:], batched[1, 8:])  # the last block reads the plan too
+
+
+def test_skipping_the_padding_blocks_changes_no_likelihood_and_no_gradient(gac):
+    """train_iteration hands the generator only the blocks that hold steps: the result must be the same."""
+    model = tiny_model(gac, max_len=12)
+    lengths = torch.tensor([12, 5, 1])  # 3, 2 and 1 of the 3 blocks of context_len=4 hold steps
+    states, actions = torch.randn(3, 12, 3), torch.rand(3, 12, 2) * 2 - 1
+    timesteps, mask, y = torch.arange(12).expand(3, 12), gac.valid_mask(lengths, 12), torch.rand(3)
+    blocks = torch.tensor([0, 1, 2, 3, 4, 6])
+    results = []
+    for which in (None, blocks):
+        model.zero_grad()
+        z0 = torch.randn(3, 3, 16, generator=torch.Generator().manual_seed(0)).requires_grad_(True)
+        action_ll, return_ll, _ = gac.log_likelihoods(
+            model, z0, states[:, 0], states, actions, timesteps, mask, y, 0.1, which
+        )
+        (action_ll + return_ll).sum().backward()
+        results.append(
+            (action_ll.detach(), z0.grad, [p.grad.clone() for p in model.parameters() if p.grad is not None])
+        )
+    (full_ll, full_z, full_p), (skip_ll, skip_z, skip_p) = results
+    torch.testing.assert_close(skip_ll, full_ll)
+    torch.testing.assert_close(skip_z, full_z)
+    assert len(skip_p) == len(full_p)
+    for a, b in zip(skip_p, full_p, strict=True):
+        torch.testing.assert_close(a, b)
+    padded = model.generator(states, actions, timesteps, torch.randn(3, 2, 16), blocks)
+    assert padded[1, 8:].abs().sum() == 0 and padded[2, 4:].abs().sum() == 0  # skipped blocks come back as 0
+    assert padded[1, :8].abs().sum() > 0
+
+
+def test_checkpoints_carry_the_online_trajectories_but_not_the_offline_data(gac):
+    states, actions = torch.randn(500, 64, 3), torch.randn(500, 64, 2)
+    buffer = gac.TrajectoryBuffer(states, actions, torch.full((500,), 64), torch.zeros(500), torch.zeros(500))
+    for n_offline, n_online in [(500, 0), (498, 2)]:
+        online = gac.online_part(buffer, n_offline)
+        assert len(online["states"]) == n_online and torch.equal(online["states"], states[n_offline:])
+        saved = io.BytesIO()
+        torch.save(online, saved)
+        assert saved.tell() < 10_000 + n_online * 64 * 5 * 4  # not the 640 kB of the whole buffer
