@@ -356,21 +356,23 @@ def train_speed(label, compile_model=False, wait=False, **overrides):
 def act_speed(num_envs=50):
     args, model, *_ = setup()
     model.eval()
-    K = args.context_len
     z0 = torch.randn(num_envs, args.n_latent, args.d_model, device=device)
     s0 = torch.randn(num_envs, obs_dim, device=device)
     with torch.no_grad():
         plan = model.plan(z0, s0)[1]
-    bs = torch.randn(num_envs, K, obs_dim, device=device)
-    ba = torch.zeros(num_envs, K, act_dim, device=device)
-    ts = torch.arange(K, device=device).expand(num_envs, K)
-    slot = torch.full((num_envs,), 5, device=device)
+    states, action = torch.randn(num_envs, obs_dim, device=device), torch.zeros(num_envs, act_dim, device=device)
+    t = torch.randint(0, 1000 - 600, (num_envs,), device=device)  # the episodes at different steps, as in a rollout
+    caches = [{} for _ in model.generator.blocks]
     for _ in range(5):
-        g.act(model, bs, ba, ts, plan, slot, autocast).cpu()
+        action = g.act(model, states, action, t, plan, caches, autocast)
+        action.cpu()
+        t += 1
     t0 = time.time()
     n = 20 if small else 500
     for _ in range(n):
-        g.act(model, bs, ba, ts, plan, slot, autocast).cpu()
+        action = g.act(model, states, action, t, plan, caches, autocast)
+        action.cpu()  # the rollout copies each step's actions to the host for the environments
+        t += 1
     dt = (time.time() - t0) / n
     print(f"act {num_envs} envs: {1000 * dt:.2f} ms per call -> {num_envs / dt:.0f} model steps/s", flush=True)
     t0 = time.time()
@@ -399,7 +401,7 @@ def eval_speed(num_envs=4 if small else 50):
         t0 = time.time()
         episodes = g.rollout(
             envs, model, lambda s0: (g.exploit_plans(model, s0, args, autocast)[0], {}), num_envs,
-            lambda obs: obs.astype(np.float32), args, 0, autocast, "evaluate",
+            lambda obs: obs.astype(np.float32), 0, autocast, "evaluate",
         )  # fmt: skip
         dt = time.time() - t0
         envs.close()

@@ -709,16 +709,28 @@ class Attention(nn.Module):
         self.proj = nn.Linear(d_model, d_model)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x, memory=None, memory_index=None, causal: bool = False) -> torch.Tensor:
-        """x [B, T, d]; memory [M, S, d], by default one row per row of x, else row memory_index[i] for x[i]."""
+    def forward(self, x, memory=None, memory_index=None, causal: bool = False, cache=None) -> torch.Tensor:
+        """x [B, T, d]; memory [M, S, d], by default one row per row of x, else row memory_index[i] for x[i].
+        `cache` (acting, see TrajectoryGenerator.step): (stored, position [B, T], visible [B, 1, T, L]); x's keys
+        and values are written into `stored` (a dict, filled on first use) at `position`, and x attends to the
+        stored ones that `visible` allows."""
         B, T, D = x.shape
         source = x if memory is None else memory
         q = self.query(x).view(B, T, self.n_head, D // self.n_head).transpose(1, 2)
         k, v = self.key_value(source).view(len(source), source.shape[1], 2, self.n_head, D // self.n_head).unbind(2)
         if memory_index is not None:  # keys and values are computed once per memory row, then shared
             k, v = k[memory_index], v[memory_index]
+        visible = None
+        if cache is not None:
+            stored, position, visible = cache
+            if not stored:  # the first call: room for a whole block's keys and values
+                stored.update({name: k.new_zeros(B, visible.shape[-1], *k.shape[2:]) for name in "kv"})
+            rows = torch.arange(B, device=x.device)[:, None]
+            stored["k"][rows, position], stored["v"][rows, position] = k, v
+            k, v = stored["k"], stored["v"]
+        dropout = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(
-            q, k.transpose(1, 2), v.transpose(1, 2), dropout_p=self.dropout if self.training else 0.0, is_causal=causal
+            q, k.transpose(1, 2), v.transpose(1, 2), attn_mask=visible, dropout_p=dropout, is_causal=causal
         )
         return self.resid_dropout(self.proj(y.transpose(1, 2).reshape(B, T, D)))
 
@@ -739,9 +751,10 @@ class Block(nn.Module):
             nn.Linear(d_model, 4 * d_model), nn.GELU(), nn.Linear(4 * d_model, d_model), nn.Dropout(dropout)
         )
 
-    def forward(self, x: torch.Tensor, memory=None, memory_index=None) -> torch.Tensor:
-        """x [N, L, d], N sequences; memory [M, P, d] read by sequence i at row memory_index[i] (see Attention)."""
-        x = x + self.self_attn(self.ln_self(x), causal=self.causal)
+    def forward(self, x: torch.Tensor, memory=None, memory_index=None, cache=None) -> torch.Tensor:
+        """x [N, L, d], N sequences; memory [M, P, d] read by sequence i at row memory_index[i]; cache: acting's
+        stored keys and values, whose mask replaces the causal one (see Attention)."""
+        x = x + self.self_attn(self.ln_self(x), causal=self.causal and cache is None, cache=cache)
         if memory is not None:
             x = x + self.cross_attn(self.ln_cross(x), self.ln_memory(memory), memory_index)
         return x + self.mlp(self.ln_mlp(x))
@@ -816,6 +829,28 @@ class TrajectoryGenerator(nn.Module):
         if blocks is not None:
             mean = mean.new_zeros(B * n, *mean.shape[1:]).index_copy(0, blocks, mean)
         return mean.reshape(B, T, -1)
+
+    def step(self, state, previous_action, t, plan_tokens, caches: list[dict]) -> torch.Tensor:
+        """Acting: the mean of p(a_t | s_t and the block's earlier steps, z) [N, act] for N episodes at once, each at
+        its own step t [N], from s_t [N, obs] and a_{t-1} [N, act]. `caches` (one dict per transformer block, empty
+        at the first call) keep the keys and values of the block's earlier tokens, so a call computes two tokens,
+        a_{t-1} and s_t, instead of the whole block; the result is `forward`'s (a unit test checks it)."""
+        K = self.context_len
+        slot = t % K
+        # the two tokens' places in the block: a_{t-1} at 2 slot - 1, s_t at 2 slot. At a block's first step a_{t-1}
+        # belongs to the block before; it goes to the last place, which no state token reads
+        position = torch.stack([2 * slot - 1, 2 * slot], 1) % (2 * K)
+        # each token sees the places up to its own: the block so far, none of the stale ones of an earlier block
+        visible = torch.arange(2 * K, device=t.device) <= position[:, :, None]
+        steps = torch.stack([(t - 1).clamp(min=0), t], 1)
+        time = self.embed_timestep(
+            steps % K if self.block_time else steps.clamp(max=self.embed_timestep.num_embeddings - 1)
+        )
+        tokens = torch.stack([self.embed_action(previous_action), self.embed_state(state)], 1) + time
+        x = self.embed_dropout(self.embed_ln(tokens))
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x = block(x, plan_tokens, cache=(cache, position, visible[:, None]))
+        return torch.tanh(self.action_mean(self.ln_f(x[:, 1])))  # a_t is read from the s_t token
 
 
 class GAC(nn.Module):
@@ -950,11 +985,24 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def train_iteration(
-    model, optimizer, scheduler, buffer, n_offline, posterior_mu, posterior_logvar, args, sampler, generator, autocast
+    model,
+    optimizer,
+    scheduler,
+    buffer,
+    n_offline,
+    posterior_mu,
+    posterior_logvar,
+    args,
+    sampler,
+    generator,
+    autocast,
+    measure_plan: bool = False,
 ):
     """One iteration of Algorithm 1: local posterior steps for a batch of trajectories, then one global step.
     The batch is drawn on the CPU with `sampler`, the rest on the device with `generator`: nothing in an iteration
-    waits for the device, so the host queues the next iteration's work while the device runs this one's."""
+    waits for the device, so the host queues the next iteration's work while the device runs this one's.
+    `measure_plan` adds what the plan tells the model: the log-likelihoods' gain from the posterior plan over one
+    drawn from the prior (two more forward passes)."""
     device = buffer.states.device
     idx = sample_batch(
         buffer.lengths, n_offline, args.batch_size, args.online_fraction, sampler, args.sample_by == "length"
@@ -1009,7 +1057,20 @@ def train_iteration(
     scheduler.step()
 
     kl = gaussian_kl(mu, logvar)  # [B, n_latent]
-    return {
+    measured = {}
+    if measure_plan:  # no dropout; z0 ~ q_i against z0 ~ N(0, I): another trajectory's eps, no random draw
+        model.eval()
+        with torch.no_grad(), autocast():
+            (post_action, post_return, _), (prior_action, prior_return, _) = (
+                log_likelihoods(model, z, s0, states, actions, timesteps, mask, y, args.return_std, blocks)
+                for z in (z0, eps.roll(1, 0))
+            )
+        model.train()
+        measured = {
+            "charts/plan_gain_action_per_step": (post_action - prior_action).sum() / n_steps,
+            "charts/plan_gain_return": (post_return - prior_return).mean(),
+        }
+    return measured | {
         "losses/action_nll_per_step": -action_ll.sum().detach() / n_steps,
         "losses/return_nll": -return_ll.mean().detach(),
         "losses/return_mse": (y_hat.detach() - y).pow(2).mean(),
@@ -1116,10 +1177,9 @@ class ProgressBar(Progress):
 
 
 @torch.no_grad()
-def act(model: GAC, block_states, block_actions, timesteps, plan_tokens, slot, autocast) -> torch.Tensor:
+def act(model: GAC, states, previous_actions, t, plan_tokens, caches: list[dict], autocast) -> torch.Tensor:
     with autocast():
-        action_mean = model.generator(block_states, block_actions, timesteps, plan_tokens)
-    return action_mean[torch.arange(len(slot)), slot].float()
+        return model.generator.step(states, previous_actions, t, plan_tokens, caches).float()
 
 
 def rollout(
@@ -1128,7 +1188,6 @@ def rollout(
     choose_plan: Callable,
     num_episodes: int,
     normalize,
-    args: Args,
     seed: int,
     autocast,
     description: str,
@@ -1142,7 +1201,7 @@ def rollout(
     lost or doubled. Actions are the generator's mean, acting on the real observed states (closed loop), with
     the block-causal context the model was trained with."""
     device = next(model.parameters()).device
-    N, K = envs.num_envs, args.context_len
+    N = envs.num_envs
     quota = np.array([num_episodes // N + (i < num_episodes % N) for i in range(N)])
     finished = np.zeros(N, dtype=int)
     model.eval()
@@ -1153,8 +1212,8 @@ def rollout(
     z0, plan_info = choose_plan(states)
     with torch.no_grad():
         plan_tokens = model.plan(z0, states)[1]
-    block_states = torch.zeros(N, K, states.shape[1], device=device)
-    block_actions = torch.zeros(N, K, envs.single_action_space.shape[0], device=device)
+    caches = [{} for _ in model.generator.blocks]  # the keys and values of each episode's current block
+    action = torch.zeros(N, envs.single_action_space.shape[0], device=device)  # a_{t-1}
     t = np.zeros(N, dtype=int)
     episode_return = np.zeros(N)
     trajectory = [{"states": [], "actions": []} for _ in range(N)]
@@ -1165,12 +1224,7 @@ def rollout(
     with ProgressBar() as progress:
         task = progress.add_task(description, total=num_episodes, info="")
         while (finished < quota).any():
-            slot = torch.as_tensor(t % K, device=device)
-            rows = torch.arange(N, device=device)
-            block_states[rows, slot] = states
-            timesteps = torch.as_tensor(t - t % K, device=device)[:, None] + torch.arange(K, device=device)
-            action = act(model, block_states, block_actions, timesteps, plan_tokens, slot, autocast)
-            block_actions[rows, slot] = action
+            action = act(model, states, action, torch.as_tensor(t, device=device), plan_tokens, caches, autocast)
             action_np = np.clip(action.cpu().numpy(), low, high)
             for i in range(N):
                 trajectory[i]["states"].append(states_np[i])
@@ -1392,6 +1446,7 @@ if __name__ == "__main__":
         "online_training": 0.0,
     }
     counts = {"updates": 0, "train_tokens": 0.0, "eval_env_steps": 0}  # for the throughput in metrics.json
+    logged = {}  # the last logged value of each training loss and chart
     run_start = time.time()
 
     seed_everything(args.seed, args.torch_deterministic)
@@ -1587,7 +1642,6 @@ if __name__ == "__main__":
             choose_plan,
             num_episodes,
             normalize,
-            args,
             seed=args.seed + 10_000 + iteration,
             autocast=autocast,
             description=f"evaluate ({label})",
@@ -1690,6 +1744,7 @@ if __name__ == "__main__":
                     sampler,
                     generator,
                     autocast,
+                    measure_plan=(iteration + 1) % args.log_every == 0,
                 )
                 iteration += 1
                 counts["updates"] += 1
@@ -1698,8 +1753,9 @@ if __name__ == "__main__":
                 if iteration % args.log_every == 0:
                     elapsed = time.time() - last_log
                     counts["train_tokens"] += float(tokens)
-                    for key, value in losses.items():
-                        writer.add_scalar(key, float(value), iteration)
+                    logged.update({key: float(value) for key, value in losses.items()})
+                    for key in losses:
+                        writer.add_scalar(key, logged[key], iteration)
                     writer.add_scalar("charts/learning_rate", scheduler.get_last_lr()[0], iteration)
                     writer.add_scalar("charts/active_latent_dims", active_latent_dims(posterior_mu), iteration)
                     writer.add_scalar("charts/iterations_per_s", args.log_every / elapsed, iteration)
@@ -1729,6 +1785,14 @@ if __name__ == "__main__":
                 f"local posteriors: std {std:.2f} (the prior's is 1), {active} of {posterior_mu[0].numel()} latent "
                 f"dimensions in use{warning}"
             )
+            if "charts/plan_gain_action_per_step" in logged:  # README, implementation notes: "What the plans tell"
+                gain = {key[len("charts/") :]: logged[key] for key in logged if key.startswith("charts/plan_gain")}
+                metrics["local_posteriors"] |= gain
+                print(
+                    f"what the plans tell the model: z0 from the posteriors, not the prior, raises log p(actions|z) by "
+                    f"{gain['plan_gain_action_per_step']:.3f} nats per step and log p(y|z) by "
+                    f"{gain['plan_gain_return']:.2f} nats (the last logged batch)"
+                )
         if "offline" not in metrics:
             metrics["offline"], episodes = evaluate("offline", args.analysis_episodes or args.eval_episodes)
             if args.analysis_episodes:
@@ -1763,7 +1827,6 @@ if __name__ == "__main__":
                 choose_plan,
                 args.episodes_per_round,
                 normalize,
-                args,
                 seed=args.seed + 20_000 + round_index,
                 autocast=autocast,
                 description=f"round {round_index + 1}: explore"

@@ -1,6 +1,7 @@
 """The pieces that gac_continuous.py and gac_maze2d.py share line for line, each test run against both scripts."""
 
 import io
+from contextlib import nullcontext
 
 import pytest
 import torch
@@ -14,10 +15,10 @@ def gac(request):
     return request.param
 
 
-def tiny_model(gac, obs_dim=3, act_dim=2, max_len=16):
+def tiny_model(gac, obs_dim=3, act_dim=2, max_len=16, **overrides):
     torch.manual_seed(0)
-    args = gac.Args(d_model=16, n_layer=2, n_head=2, prior_layers=1, n_latent=3, context_len=4, dropout=0.0)
-    return gac.GAC(obs_dim, act_dim, args, max_len)
+    sizes = dict(d_model=16, n_layer=2, n_head=2, prior_layers=1, n_latent=3, context_len=4, dropout=0.0)
+    return gac.GAC(obs_dim, act_dim, gac.Args(**(sizes | overrides)), max_len)
 
 
 def test_each_trajectory_reads_its_own_plan_in_every_block(gac):
@@ -65,6 +66,34 @@ def test_skipping_the_padding_blocks_changes_no_likelihood_and_no_gradient(gac):
     padded = model.generator(states, actions, timesteps, torch.randn(3, 2, 16), blocks)
     assert padded[1, 8:].abs().sum() == 0 and padded[2, 4:].abs().sum() == 0  # skipped blocks come back as 0
     assert padded[1, :8].abs().sum() > 0
+
+
+@pytest.mark.parametrize("time_embedding", ["absolute", "block"])
+def test_acting_step_by_step_reproduces_the_training_conditionals(gac, time_embedding):
+    """Acting computes two tokens per step and reuses the stored keys and values of the block so far, for
+    episodes at different steps: its actions must be those the training forward computes for whole trajectories,
+    across block boundaries, and after an episode restarts mid-block with a stale block in the store."""
+    model = tiny_model(gac, time_embedding=time_embedding).eval()
+    lengths = [[7, 9], [16]]  # env 0 runs two episodes (the second starts at env step 7), env 1 one long one
+    episodes = [[(torch.randn(16, 3), torch.rand(16, 2) * 2 - 1, torch.randn(2, 16)) for _ in env] for env in lengths]
+    expected = [
+        [model.generator(s[None], a[None], torch.arange(16)[None], plan[None])[0] for s, a, plan in env]
+        for env in episodes
+    ]
+    caches = [{} for _ in model.generator.blocks]
+    for step in range(16):
+        current = [(0, step) if step < 7 else (1, step - 7), (0, step)]  # (episode, t) of each env
+        s_t, a_prev, plans = [], [], []
+        for env, (e, t) in enumerate(current):
+            states, actions, plan = episodes[env][e]
+            s_t.append(states[t])
+            a_prev.append(actions[t - 1] if t > 0 else torch.full((2,), 9.0))  # no a_{-1}: must not matter
+            plans.append(plan)
+        t = torch.tensor([t for _, t in current])
+        action = gac.act(model, torch.stack(s_t), torch.stack(a_prev), t, torch.stack(plans), caches, nullcontext)
+        for env, (e, t) in enumerate(current):
+            torch.testing.assert_close(action[env], expected[env][e][t])
+    assert caches[0]["k"].shape[1] == 2 * 4  # one block of (s, a) tokens is stored, not the episode
 
 
 def test_checkpoints_carry_the_online_trajectories_but_not_the_offline_data(gac):

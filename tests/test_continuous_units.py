@@ -143,25 +143,6 @@ def test_generator_is_causal_within_a_block_and_blind_across_blocks():
     assert not torch.allclose(out[0, 2:4], base[0, 2:4])
 
 
-@pytest.mark.parametrize("time_embedding", ["absolute", "block"])
-def test_acting_with_a_rolling_block_reproduces_the_training_conditionals(time_embedding):
-    """The rollout writes step t into slot t % K of a K-step buffer that still holds stale later slots; the
-    action it reads must equal the one the training forward computes for the whole trajectory."""
-    model = tiny_model(time_embedding=time_embedding).eval()
-    K, T = 4, 11
-    states, actions = torch.randn(1, 12, 3), torch.randn(1, 12, 2)
-    plan = torch.randn(1, 2, 16)
-    full = model.generator(states, actions, torch.arange(12)[None], plan)
-    block_states, block_actions = torch.randn(1, K, 3), torch.randn(1, K, 2)  # stale garbage
-    for t in range(T):
-        slot = t % K
-        block_states[0, slot] = states[0, t]
-        timesteps = (t - slot) + torch.arange(K)[None]
-        action = gac.act(model, block_states, block_actions, timesteps, plan, torch.tensor([slot]), gac_nullcontext)
-        torch.testing.assert_close(action[0], full[0, t])
-        block_actions[0, slot] = actions[0, t]
-
-
 def gac_nullcontext():
     import contextlib
 
@@ -280,6 +261,7 @@ def test_train_iteration_fills_the_local_posteriors_and_returns_every_term():
     losses = gac.train_iteration(
         model, optimizer, scheduler, buffer, 3, mu, logvar, args, sampler, generator, gac_nullcontext
     )
+    assert not any(key.startswith("charts/plan_gain") for key in losses)  # measured only when asked
     expected = {"losses/action_nll_per_step", "losses/return_nll", "losses/return_mse", "losses/kl",
                 "losses/kl_free_bits", "losses/elbo", "charts/posterior_std", "charts/tokens"}  # fmt: skip
     assert set(losses) == expected
@@ -289,6 +271,37 @@ def test_train_iteration_fills_the_local_posteriors_and_returns_every_term():
     assert mu.abs().sum() > 0  # the batch's posteriors moved and were written back
     assert buffer.lengths.device.type == "cpu"  # batches are drawn on the host: see train_iteration
     assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+
+
+def test_the_plan_gain_measures_how_much_the_generator_reads_the_plan():
+    """charts/plan_gain_*: log-likelihoods with the posterior plan minus with a prior one. Zero for the actions
+    where the generator cannot read the plan (its cross-attention outputs zeroed), not zero where it can."""
+    gains = []
+    for reads_plan in (False, True):
+        model = tiny_model(max_len=8)
+        if not reads_plan:
+            for block in model.generator.blocks:  # cross-attention adds nothing: the plan cannot reach the actions
+                torch.nn.init.zeros_(block.cross_attn.proj.weight)
+                torch.nn.init.zeros_(block.cross_attn.proj.bias)
+        for weight in model.generator.parameters() if reads_plan else ():
+            torch.nn.init.normal_(weight, std=0.3)  # a plan that moves the actions visibly
+        args = tiny_args(batch_size=3, inner_steps=2)
+        states, actions, lengths = gac.pad_trajectories(
+            [np.random.randn(n, 3) for n in (3, 8, 5)], [np.random.rand(n, 2) * 2 - 1 for n in (3, 8, 5)], 8, "cpu"
+        )
+        buffer = gac.TrajectoryBuffer(states, actions, lengths, torch.ones(3), torch.tensor([0.1, 0.5, 0.9]))
+        mu, logvar = torch.randn(3, 3, 16), torch.full((3, 3, 16), -5.0)  # posteriors already away from the prior
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # the measurement sees the model as it was
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+        losses = gac.train_iteration(
+            model, optimizer, scheduler, buffer, 3, mu, logvar, args, torch.Generator().manual_seed(1),
+            torch.Generator().manual_seed(0), gac_nullcontext, measure_plan=True,
+        )  # fmt: skip
+        gains.append((float(losses["charts/plan_gain_action_per_step"]), float(losses["charts/plan_gain_return"])))
+        assert model.training  # as after any update
+    (ignored_action, ignored_return), (read_action, _) = gains
+    assert ignored_action == 0.0 and ignored_return != 0.0  # the return head still reads the plan
+    assert abs(read_action) > 1e-3
 
 
 def test_sample_batch_weights_by_length_and_gives_online_data_its_share():
@@ -438,21 +451,28 @@ class CountingEnv(gym.Env):
 
 def test_rollout_records_every_step_of_every_episode_once():
     model = tiny_model(obs_dim=2, act_dim=1, max_len=16).eval()
-    args = tiny_args()
+    for weight in model.generator.parameters():  # large enough that every input moves the action visibly
+        torch.nn.init.normal_(weight, std=0.3)
     envs = gym.vector.SyncVectorEnv([CountingEnv for _ in range(3)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
 
     def choose_plan(s0):
         return torch.zeros(len(s0), 3, 16), {"s0": s0.clone()}
 
-    episodes = gac.rollout(
-        envs, model, choose_plan, 7, lambda obs: obs.astype(np.float32), args, 0, gac_nullcontext, "t"
-    )
+    episodes = gac.rollout(envs, model, choose_plan, 7, lambda obs: obs.astype(np.float32), 0, gac_nullcontext, "t")
     assert len(episodes["returns_raw"]) == 7
     for states, actions, length, ret, plan in zip(episodes["states"], episodes["actions"], episodes["lengths"],
                                                   episodes["returns_raw"], episodes["plan"], strict=True):  # fmt: skip
         assert len(states) == len(actions) == length == ret  # reward 1 per step
         assert states[:, 0].tolist() == list(range(length))  # consecutive steps from the reset
         assert torch.equal(plan["s0"], torch.as_tensor(states[0]))  # the plan was chosen from this episode's s0
+        # each action is the one the training forward gives the recorded episode: the acting context was right
+        states, actions = (
+            torch.nn.functional.pad(torch.as_tensor(x), (0, 0, 0, 8 - length)) for x in (states, actions)
+        )
+        with torch.no_grad():
+            plan_tokens = model.plan(plan["z0"][None], states[None, 0])[1]
+            expected = model.generator(states[None], actions[None], torch.arange(8)[None], plan_tokens)[0, :length]
+        torch.testing.assert_close(actions[:length], expected)
     counters = sorted(float(s[0, 1]) for s in episodes["states"])
     assert counters == [0, 0, 0, 1, 1, 1, 2]  # quotas 3, 2, 2: each env's first episodes, none skipped
     envs.close()
