@@ -181,8 +181,8 @@ def mean_std(values):
 
 
 lines = [
-    "| script | dataset | variant | seeds | offline score | after online rounds | posteriors: std, active dims | wall time per run "
-    "| machine |",
+    "| script | dataset | variant | seeds | offline score | after online rounds | posteriors: std, active dims, action gain "
+    "| wall time per run | machine |",
     "|---|---|---|---|---|---|---|---|---|",
 ]
 commands = []
@@ -208,6 +208,8 @@ for (script, dataset, variant), runs in sorted(groups.items()):
     if posteriors:
         std, active = np.mean([p["std"] for p in posteriors]), np.mean([p["active_dims"] for p in posteriors])
         posterior = f"{std:.2f}, {active:.0f} of {posteriors[0]['dims']}"
+        gains = [p["plan_gain_action_per_step"] for p in posteriors if "plan_gain_action_per_step" in p]
+        posterior += f", {np.mean(gains):.3f} nats/step" if gains else ""
     lines.append(f"| {script} | {dataset} | {variant} | {' '.join(map(str, seeds))} | {mean_std(offline)} "
                  f"| {after} | {posterior} | {np.mean(wall):.0f} s | {', '.join(machines)} |")
     command = re.sub(r"--seed \d+", "--seed <seed>", runs[0].get("command", ""))
@@ -222,7 +224,10 @@ note = ("Wall time per run: the offline run the four variants share (data, offli
         "Posteriors: the local posteriors' mean std after offline training and the latent dimensions whose posterior "
         "means vary across trajectories (mean over seeds). They start at std 0.08 and no dimension in use; a trained "
         "latent has std near 1 and many dimensions in use; std near 0.08 means too few visits, no dimension in use "
-        "means collapse: either way the run measured behaviour cloning (README, implementation notes).")
+        "means collapse: either way the run measured behaviour cloning. Action gain: how much higher log p(actions | z) "
+        "is per step with z0 from the posteriors than from the prior, on the last logged batch of offline training; "
+        "near 0 the generator ignores the plan, and no inference on the plan can steer the actions (README, "
+        "implementation notes).")
 table = "\n".join(lines) + f"\n\n{note}\n\nCommands (each seed of the row):\n\n" + "\n".join(commands) + "\n"
 with open(os.path.join(out, "results.md"), "w") as f:
     f.write(table)

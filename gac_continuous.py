@@ -701,19 +701,9 @@ def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def train_iteration(
-    model,
-    optimizer,
-    scheduler,
-    buffer,
-    n_offline,
-    posterior_mu,
-    posterior_logvar,
-    args,
-    sampler,
-    generator,
-    autocast,
+    model, optimizer, scheduler, buffer, n_offline, posterior_mu, posterior_logvar, args, sampler, generator, autocast,
     measure_plan: bool = False,
-):
+):  # fmt: skip
     """One iteration of Algorithm 1: local posterior steps for a batch of trajectories, then one global step.
     The batch is drawn on the CPU with `sampler`, the rest on the device with `generator`: nothing in an iteration
     waits for the device, so the host queues the next iteration's work while the device runs this one's.

@@ -50,7 +50,8 @@ def fake_run(
         "args": {"exp_name": f"bench-{variant}", "seed": seed, "online_rounds": online_rounds},
         "offline": {"score_mean": offline}, "online": [{"score_mean": s} for s in online or []],
         "timings_s": {"total": 100.0 * seed},
-        "local_posteriors": {"std": 0.5 + 0.2 * seed, "active_dims": 100 * seed, "dims": 512},
+        "local_posteriors": {"std": 0.5 + 0.2 * seed, "active_dims": 100 * seed, "dims": 512,
+                             "plan_gain_action_per_step": 0.01 * seed},
     }  # fmt: skip
     if online is None:  # stopped by --deadline before its first round ended
         del metrics["online"]
@@ -84,7 +85,7 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
     assert "old" not in readme
     gac_row = next(line for line in readme.splitlines() if "| gac |" in line)
     assert "| 1 2 |" in gac_row and "| 50.0 +- 10.0 |" in gac_row and "| 70.0 +- 10.0 (2 rounds) |" in gac_row
-    assert "| 0.80, 150 of 512 |" in gac_row  # the means of the seeds' posterior std (0.7, 0.9), active dims
+    assert "| 0.80, 150 of 512, 0.015 nats/step |" in gac_row  # the seeds' means: posterior std, active dims, gain
     assert "| 200 s |" in gac_row and "NVIDIA H100" in gac_row  # the shared offline run's 50 s included
     assert (
         "--seed <seed> --exp-name bench-offline`, then `python gac_maze2d.py --env-id umaze --seed <seed> "
