@@ -3,7 +3,7 @@
 # step that turns their metrics.json files into the table (mean +- std over seeds) and a plot of score by round.
 #
 #   ./benchmark.sh                      # the default grid, seeds 1 2 3, jobs in parallel here, then --collect
-#   ./benchmark.sh --jobs 4 --only maze2d --seeds "1 2"
+#   ./benchmark.sh --jobs 4 --only maze2d --seeds "1 2"   # --only: the rows that match a regular expression
 #   ./benchmark.sh -- --num-iterations 3000          # flags after -- go to every run
 #   ./benchmark.sh --slurm "--partition gpu --gres gpu:1 --time 01:00:00"   # one array task per job, then collect
 #   ./benchmark.sh --collect            # only collect the runs already under runs/
@@ -54,6 +54,7 @@ mkdir -p "$OUT/logs"
 # script | --env-id and data flags (one grid row per dataset)
 GRID=(
   "gac_continuous.py|--env-id Hopper --dataset d4rl-medium"
+  "gac_continuous.py|--env-id Hopper --dataset d4rl-medium-expert"
   "gac_maze2d.py|--env-id umaze"
   "gac_maze2d.py|--env-id medium"
 )
@@ -70,7 +71,7 @@ write_jobs() {
   for row in "${GRID[@]}"; do
     script=${row%%|*}
     data=${row#*|}
-    [[ -z "$ONLY" || "$row" == *"$ONLY"* ]] || continue  # a substring of the row: maze2d, Hopper, "--env-id umaze"
+    [[ -z "$ONLY" || "$row" =~ $ONLY ]] || continue  # a regular expression: maze2d, Hopper, "umaze", "d4rl-medium$"
     if [[ "$script" == gac_maze2d.py ]]; then
       maze=$(sed -E 's/.*--env-id ([a-z]+).*/\1/' <<<"$data")
       # the runs' own flags decide the data (--dataset-steps, --training-return hold, ...): made and cached once

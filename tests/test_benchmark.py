@@ -12,16 +12,23 @@ def test_dry_run_lists_every_script_dataset_variant_and_seed():
     result = subprocess.run(["bash", os.path.join(ROOT, "benchmark.sh"), "--dry-run", "--out", "/tmp/gac_bench_dry"],
                             capture_output=True, text=True, check=True)  # fmt: skip
     jobs = [line for line in result.stdout.splitlines() if line.startswith("python gac_")]
-    assert len(jobs) == 3 * 3  # (Hopper, umaze, medium) x seeds 1 2 3: an offline run, then four variants
+    assert len(jobs) == 4 * 3  # (Hopper medium, medium-expert, umaze, medium) x seeds 1 2 3: offline, then variants
     for job in jobs:
         offline, variants = job.split(" && dir=")
         assert "--exp-name bench-offline" in offline and offline.endswith("--online-rounds 0 --save-model")
         assert variants.count("--init-from $dir") == 4 and variants.count(" & ") == 4
         assert "--exploit-steps 0 --num-candidates 1" in variants and "--fixed-target 1.0" in variants
         assert "--exp-name bench-offline-data --online-fraction 0.0 --init-from" in variants
-    assert sum("--seed 2 --exp-name bench-gac " in job for job in jobs) == 3
+    assert sum("--seed 2 --exp-name bench-gac " in job for job in jobs) == 4
     assert sum("load_training_data" in line for line in result.stdout.splitlines()) == 2  # umaze, medium once
     assert "python datasets/make_dataset.py generate --env-id Hopper --level medium --workers" in result.stdout
+    assert "python datasets/make_dataset.py generate --env-id Hopper --level medium-expert --workers" in result.stdout
+    # --only is a regular expression: the medium row alone, not medium-expert
+    only = ["--only", "d4rl-medium$", "--seeds", "1"]
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmark.sh"), "--dry-run", "--out", "/tmp/gac_bench_dry",
+                             *only], capture_output=True, text=True, check=True)  # fmt: skip
+    (job,) = [line for line in result.stdout.splitlines() if line.startswith("python gac_")]
+    assert "--dataset d4rl-medium --seed 1" in job
     # flags after -- reach every run, but never undo a variant's own
     result = subprocess.run(["bash", os.path.join(ROOT, "benchmark.sh"), "--dry-run", "--out", "/tmp/gac_bench_dry",
                              "--only", "umaze", "--seeds", "1", "--", "--exploit-steps", "7"],
