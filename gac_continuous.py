@@ -21,7 +21,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import gymnasium as gym
 import minari
@@ -41,7 +41,8 @@ class Args:
     seed: int = 1
     """seed of the experiment (a CPU run with the same seed repeats exactly)"""
     torch_deterministic: bool = True
-    """if toggled, cuDNN and CUDA pick deterministic algorithms (slower on the GPU, same results run to run)"""
+    """if toggled, cuDNN picks deterministic algorithms (a GPU run may still differ from the next in the last bits;
+    a CPU run with the same seed repeats exactly either way)"""
     cuda: bool = True
     """if toggled, use CUDA when it is available (bf16 autocast and TF32 matmuls there)"""
     track: bool = False
@@ -793,12 +794,14 @@ def train_iteration(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def exploit_plans(model: GAC, s0: torch.Tensor, args: Args, autocast):
+def exploit_plans(model: GAC, s0: torch.Tensor, args: Args, autocast, generator: torch.Generator | None = None):
     """For each initial state: M candidates z0 ~ N(0, I), S Adam steps of ascent on
-    E[y | U(z0, s0)] - lambda/2 ||z0||^2, keep the best. Returns (z0 [n, L, d], predicted y [S+1, n, M], best [n])."""
+    E[y | U(z0, s0)] - lambda/2 ||z0||^2, keep the best. Returns (z0 [n, L, d], predicted y [S+1, n, M], best [n]).
+    `generator`: where the candidates come from (default torch's global one, which dropout also draws from)."""
     n, M = s0.shape[0], args.num_candidates
     s0 = s0.repeat_interleave(M, dim=0)
-    z0 = torch.randn(n * M, args.n_latent, args.d_model, device=s0.device, requires_grad=True)
+    shape = (n * M, args.n_latent, args.d_model)
+    z0 = torch.randn(shape, device=s0.device, generator=generator).requires_grad_(True)
     optimizer = torch.optim.Adam([z0], lr=args.exploit_lr)
     trace = []
     for step in range(args.exploit_steps + 1):
@@ -820,19 +823,22 @@ def exploration_target(buffer_y: torch.Tensor, quantile: float, delta_y: float) 
 
 
 @torch.no_grad()
-def prior_exploration_targets(model: GAC, s0: torch.Tensor, args: Args, autocast, samples: int = 256) -> torch.Tensor:
+def prior_exploration_targets(model: GAC, s0: torch.Tensor, args: Args, autocast, generator=None, samples: int = 256):
     """Per initial state: y+ = quantile_q of E[y | U(z0, s0)] over `samples` plans z0 ~ N(0, I), + delta_y."""
     n = s0.shape[0]
-    z0 = torch.randn(n * samples, args.n_latent, args.d_model, device=s0.device)
+    z0 = torch.randn(n * samples, args.n_latent, args.d_model, device=s0.device, generator=generator)
     with autocast():
         y_hat = model.predicted_return(z0, s0.repeat_interleave(samples, dim=0)).float()
     return torch.quantile(y_hat.view(n, samples), args.quantile, dim=1) + args.delta_y
 
 
-def explore_plans(model: GAC, s0: torch.Tensor, target_y: float | torch.Tensor, args: Args, autocast):
-    """Samples z0 ~ p(z0 | y+, s0) proportional to N(z0; 0, I) N(y+; E[y | z], sigma_y^2) by a short variational
-    fit (the same local inference as training); y+ is one number or one per state. Returns (z0, mu, logvar) of
-    each fitted posterior."""
+def explore_plans(model: GAC, s0: torch.Tensor, target_y: float | torch.Tensor, args: Args, autocast, generator=None):
+    """Plans for the target y+ (one number or one per state): z0 from p(z0 | y+, s0), proportional to
+    N(z0; 0, I) N(y+; E[y | z], sigma_y^2), by a short variational fit (the same local inference as training) of
+    q = N(mu, sigma^2) from the prior, with one draw eps ~ N(0, I) kept throughout. The plan is that draw's
+    z0 = mu + sigma * eps: a prior sample moved until it predicts y+, no further than the prior allows. A fresh
+    draw from the fitted q would mostly miss y+: a diagonal q keeps the prior's width in every direction, the one
+    the return depends on included. Returns z0 [n, L, d]."""
     n = s0.shape[0]
     shape = (n, args.n_latent, args.d_model)
     target = torch.as_tensor(target_y, device=s0.device, dtype=torch.float32).expand(n)
@@ -842,10 +848,10 @@ def explore_plans(model: GAC, s0: torch.Tensor, target_y: float | torch.Tensor, 
             y_hat = model.predicted_return(z0, s0)
         return gaussian_log_prob(target, y_hat, math.log(args.return_std))
 
-    eps = torch.randn(shape, device=s0.device)
+    eps = torch.randn(shape, device=s0.device, generator=generator)
     zeros = torch.zeros(shape, device=s0.device)
     mu, logvar = fit_local_posteriors(zeros, zeros, eps, log_likelihood, args.explore_steps, args.explore_lr, 0.0)
-    return mu + (0.5 * logvar).exp() * eps, mu, logvar
+    return mu + (0.5 * logvar).exp() * eps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -994,7 +1000,7 @@ def plot_inference_dynamics(trace: torch.Tensor, best: torch.Tensor, achieved_y:
 def online_part(buffer: TrajectoryBuffer, n_offline: int) -> dict[str, torch.Tensor]:
     """The buffer's online trajectories (from index n_offline on), copied to the CPU on their own: torch.save of a
     slice writes the storage under it, and the whole offline dataset with it."""
-    return {key: value[n_offline:].to("cpu", copy=True) for key, value in asdict(buffer).items()}
+    return {field.name: getattr(buffer, field.name)[n_offline:].to("cpu", copy=True) for field in fields(buffer)}
 
 
 def save_checkpoint(path: str, state: dict):
@@ -1118,8 +1124,14 @@ if __name__ == "__main__":
         generator.set_state(checkpoint["generator_state"])
         sampler.set_state(checkpoint["sampler_state"])
         torch.set_rng_state(checkpoint["torch_rng_state"])
+        if device.type == "cuda" and "cuda_rng_state" in checkpoint:  # dropout draws from it on the GPU
+            torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], device)
         iteration, start_round = checkpoint["iteration"], checkpoint["round"]
         metrics = json.loads(checkpoint["metrics"])
+        for key, value in checkpoint.get("timings", {}).items():  # the killed run's time counts too
+            timings[key] += value
+        counts |= checkpoint.get("counts", {})
+        run_start -= checkpoint.get("elapsed_s", 0.0)
         print(f"resumed {run_dir} at iteration {iteration}, online round {start_round}")
     elif init_checkpoint is not None:
         if init_checkpoint["posterior_mu"].shape[0] != n_offline:
@@ -1140,7 +1152,8 @@ if __name__ == "__main__":
             metrics["local_posteriors"] = offline_run["local_posteriors"]
         print(f"starting from the offline model of {init_path} (iteration {iteration})")
 
-    writer = SummaryWriter(run_dir, purge_step=iteration if checkpoint is not None else None)
+    # a resumed run drops what the killed one logged after its checkpoint, which was written after step `iteration`
+    writer = SummaryWriter(run_dir, purge_step=iteration + 1 if checkpoint is not None else None)
     if args.track:
         try:
             import wandb
@@ -1184,10 +1197,14 @@ if __name__ == "__main__":
                 "generator_state": generator.get_state(),
                 "sampler_state": sampler.get_state(),
                 "torch_rng_state": torch.get_rng_state(),
+                "cuda_rng_state": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0),
                 "iteration": iteration,
                 "round": round_index,
                 "args": asdict(args),
                 "metrics": json.dumps(metrics),
+                "timings": timings,
+                "counts": counts,
+                "elapsed_s": time.time() - run_start,
             },
         )
 
@@ -1212,9 +1229,11 @@ if __name__ == "__main__":
         """Exploitation: ascent on the plan at every reset, deterministic actions; normalised score x 100."""
         start = time.time()
         traces = []
+        seed = args.seed + 10_000 + iteration
+        plans = torch.Generator(device=device).manual_seed(seed)  # its own: training's random numbers stay as they are
 
         def choose_plan(s0):
-            z0, trace, best = exploit_plans(model, s0, args, autocast)
+            z0, trace, best = exploit_plans(model, s0, args, autocast, plans)
             traces.append((trace, best))
             return z0, {"predicted_y": trace[-1, torch.arange(len(best)), best]}
 
@@ -1224,7 +1243,7 @@ if __name__ == "__main__":
             choose_plan,
             num_episodes,
             normalize,
-            seed=args.seed + 10_000 + iteration,
+            seed=seed,
             autocast=autocast,
             description=f"evaluate ({label})",
         )
@@ -1312,6 +1331,8 @@ if __name__ == "__main__":
         # ---- offline: maximise the ELBO on the dataset ----
         if iteration < args.num_iterations:
             train(args.num_iterations - iteration, "offline training", "offline", 0)
+            metrics.pop("local_posteriors", None)  # an --init-from run's, from before this training
+        if "local_posteriors" not in metrics:  # computed once, by the run that ends the offline training
             std, active = float((0.5 * posterior_logvar[:n_offline]).exp().mean()), active_latent_dims(posterior_mu)
             metrics["local_posteriors"] = {"std": std, "active_dims": active, "dims": posterior_mu[0].numel()}
             warning = ""  # README, implementation notes: "The posteriors need visits"
@@ -1349,13 +1370,15 @@ if __name__ == "__main__":
             else:
                 target_y = None  # one per episode, from its own s0
 
-            def choose_plan(s0, target_y=target_y):
+            seed = args.seed + 20_000 + round_index
+            plans = torch.Generator(device=device).manual_seed(seed)
+
+            def choose_plan(s0, target_y=target_y, plans=plans):
                 if target_y is None:
-                    target = prior_exploration_targets(model, s0, args, autocast)
+                    target = prior_exploration_targets(model, s0, args, autocast, plans)
                 else:
                     target = torch.full((s0.shape[0],), target_y, device=s0.device)
-                z0, _, logvar = explore_plans(model, s0, target, args, autocast)
-                return z0, {"logvar": logvar, "target_y": target}
+                return explore_plans(model, s0, target, args, autocast, plans), {"target_y": target}
 
             episodes = rollout(
                 envs,
@@ -1363,7 +1386,7 @@ if __name__ == "__main__":
                 choose_plan,
                 args.episodes_per_round,
                 normalize,
-                seed=args.seed + 20_000 + round_index,
+                seed=seed,
                 autocast=autocast,
                 description=f"round {round_index + 1}: explore"
                 + (f" (y+ = {100 * target_y:.1f})" if target_y is not None else " (y+ per start)"),
@@ -1378,17 +1401,22 @@ if __name__ == "__main__":
                     y=torch.as_tensor(new_y, device=device, dtype=torch.float32),
                 )
             )
-            # the new trajectories' local posteriors start at the plan that generated them
-            posterior_mu = torch.cat([posterior_mu, torch.stack([p["z0"] for p in episodes["plan"]])])
-            posterior_logvar = torch.cat([posterior_logvar, torch.stack([p["logvar"] for p in episodes["plan"]])])
+            # the new trajectories' local posteriors start at the plan that generated them, narrow as the offline ones
+            new_mu = torch.stack([p["z0"] for p in episodes["plan"]])
+            posterior_mu = torch.cat([posterior_mu, new_mu])
+            posterior_logvar = torch.cat([posterior_logvar, torch.full_like(new_mu, args.posterior_init_logvar)])
             timings["online_collection"] += time.time() - start
-            writer.add_scalar("online/round", round_index + 1, iteration)
-            writer.add_scalar("online/target_score", 100 * target_y, iteration)
-            writer.add_scalar("online/buffer_quantile_score", 100 * quantile_y, iteration)
-            writer.add_scalar("online/achieved_score", 100 * new_y.mean(), iteration)
-            writer.add_scalar("online/achieved_score_max", 100 * new_y.max(), iteration)
-            writer.add_scalar("online/buffer_trajectories", len(buffer), iteration)
-            writer.add_scalar("online/buffer_score_mean", 100 * buffer.y.mean(), iteration)
+            # at the first update that trains on them: a resume from the checkpoint before them purges them
+            for key, value in {
+                "round": round_index + 1,
+                "target_score": 100 * target_y,
+                "buffer_quantile_score": 100 * quantile_y,
+                "achieved_score": 100 * new_y.mean(),
+                "achieved_score_max": 100 * new_y.max(),
+                "buffer_trajectories": len(buffer),
+                "buffer_score_mean": 100 * buffer.y.mean(),
+            }.items():
+                writer.add_scalar(f"online/{key}", value, iteration + 1)
             print(
                 f"round {round_index + 1}: y+ {100 * target_y:.1f}, achieved {100 * new_y.mean():.1f} "
                 f"+- {100 * new_y.std():.1f}, buffer {len(buffer)} trajectories"

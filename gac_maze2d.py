@@ -12,8 +12,8 @@ Minari's published recipe.
 """
 
 import contextlib
-import glob
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -28,7 +28,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import gymnasium as gym
 import minari
@@ -40,6 +40,9 @@ import tyro
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from torch.utils.tensorboard import SummaryWriter
 
+with contextlib.redirect_stderr(io.StringIO()):  # registers PointMaze; the import prints a notice about other envs
+    import gymnasium_robotics  # noqa: F401
+
 
 @dataclass
 class Args:
@@ -48,7 +51,8 @@ class Args:
     seed: int = 1
     """seed of the experiment (a CPU run with the same seed repeats exactly)"""
     torch_deterministic: bool = True
-    """if toggled, cuDNN and CUDA pick deterministic algorithms (slower on the GPU, same results run to run)"""
+    """if toggled, cuDNN picks deterministic algorithms (a GPU run may still differ from the next in the last bits;
+    a CPU run with the same seed repeats exactly either way)"""
     cuda: bool = True
     """if toggled, use CUDA when it is available (bf16 autocast and TF32 matmuls there)"""
     track: bool = False
@@ -72,7 +76,8 @@ class Args:
     dataset_id: str | None = None
     """any Minari PointMaze dataset id, local or remote (its maze must match --env-id)"""
     dataset_steps: int = 1_000_000
-    """steps of a regenerated dataset (when the Minari one is neither local nor downloadable)"""
+    """steps of a regenerated dataset, made when the Minari one is neither local nor downloadable (another number
+    than the recipe's 1M always means the regeneration: a small dataset for a test)"""
     training_return: str = "hold"
     """what a training trajectory's y means: hold (each episode continued to the evaluation horizon by the recipe's
     controller holding at its goal, simulated once and cached, and y its rewards summed: the evaluation's return),
@@ -220,6 +225,8 @@ def check_args(args: Args):
     for name in non_negative:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
+    if args.analysis_episodes == 1:
+        fail("--analysis-episodes must be 0 (no analyses) or at least 2 (the plan map needs two plans)")
     for name in ["learning_rate", "posterior_lr", "exploit_lr", "explore_lr", "return_std", "max_grad_norm"]:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -261,6 +268,21 @@ def resolve_dataset_id(args: Args) -> str:
     return args.dataset_id or f"D4RL/pointmaze/{args.env_id.lower()}-v2"
 
 
+def maze_layout(maze: str) -> list[list]:
+    """gymnasium-robotics' map of one of MAZES, rows of cells: 1 a wall, 0 free."""
+    from gymnasium_robotics.envs.maze import maps
+
+    name = {"umaze": "U_MAZE", "medium": "MEDIUM_MAZE", "large": "LARGE_MAZE"}[maze]
+    return [list(row) for row in getattr(maps, name)]
+
+
+def maze_of(env_spec: gym.envs.registration.EnvSpec) -> str | None:
+    """Which of MAZES an environment's map is (its walls compared), or None."""
+    walls = [[cell == 1 for cell in row] for row in env_spec.kwargs.get("maze_map") or []]
+    matches = [maze for maze in MAZES if walls == [[cell == 1 for cell in row] for row in maze_layout(maze)]]
+    return matches[0] if matches else None
+
+
 def regenerated_dataset_id(maze: str, steps: int) -> str:
     size = "" if steps == 1_000_000 else f"-{steps}steps"
     return f"{REGENERATED_NAMESPACE}/pointmaze/{maze}{size}-v2"
@@ -287,12 +309,8 @@ def load_minari_dataset(dataset_id: str) -> minari.MinariDataset:
 def maze_env(maze: str, evaluation: bool, max_episode_steps: int) -> gym.Env:
     """PointMaze v3 as Minari's recipe uses it: the evaluation maze has one fixed goal cell; the collection maze
     draws a new goal whenever the current one is reached."""
-    from gymnasium_robotics.envs.maze import maps
-
     name, goal_cell, _ = MAZES[maze]
-    maze_map = [
-        list(row) for row in getattr(maps, {"umaze": "U_MAZE", "medium": "MEDIUM_MAZE", "large": "LARGE_MAZE"}[maze])
-    ]
+    maze_map = maze_layout(maze)
     if evaluation:
         maze_map[goal_cell[0]][goal_cell[1]] = "g"
     env = gym.make(f"PointMaze_{name}-v3", maze_map=maze_map, continuing_task=True, reset_target=not evaluation,
@@ -310,15 +328,15 @@ def remove_maze_xml(env: gym.Env):
 
 @contextlib.contextmanager
 def removing_maze_xml():
-    """Deletes the maze XML files left in the temp folder by envs made inside the block by other code (Minari
-    makes its own envs when it writes a dataset)."""
-    pattern = os.path.join(tempfile.gettempdir(), "ant_maze*.xml")
-    before = set(glob.glob(pattern))
+    """Envs made inside the block by other code (Minari makes its own when it writes a dataset) write their maze
+    XML into a temp folder of this block's own, deleted at its end; other processes' files are left alone."""
+    previous = tempfile.tempdir
+    tempfile.tempdir = tempfile.mkdtemp(prefix="gac_maze2d_")
     try:
         yield
     finally:
-        for path in set(glob.glob(pattern)) - before:
-            os.remove(path)
+        shutil.rmtree(tempfile.tempdir, ignore_errors=True)
+        tempfile.tempdir = previous
 
 
 def shortest_path_tree(maze_map: list[list], goal_cell: tuple[int, int]) -> dict:
@@ -370,18 +388,6 @@ class WaypointController:
         return self.p_gain * (self.target_xy - position) + self.d_gain * velocity
 
 
-def average_return(env: gym.Env, policy: Callable, episodes: int, seed: int) -> float:
-    returns = []
-    for episode in range(episodes):
-        obs, _ = env.reset(seed=seed + episode)
-        total, done = 0.0, False
-        while not done:
-            obs, reward, terminated, truncated, _ = env.step(policy(obs))
-            total, done = total + reward, terminated or truncated
-        returns.append(total)
-    return float(np.mean(returns))
-
-
 def regenerate_dataset(maze: str, steps: int, dataset_id: str) -> minari.MinariDataset:
     """Minari's published recipe for D4RL/pointmaze/<maze>-v2: one reset (seed 123), `steps` steps of the waypoint
     controller with N(0, 0.5^2) action noise, an episode boundary at every success; reference scores from a random
@@ -423,9 +429,11 @@ def regenerate_dataset(maze: str, steps: int, dataset_id: str) -> minari.MinariD
         start = end
     eval_env = maze_env(maze, evaluation=True, max_episode_steps=horizon)
     expert = WaypointController(eval_env.unwrapped.maze, np.random.default_rng(123))
-    ref_max = average_return(eval_env, expert, 100, seed=123)
+    # Minari's own procedure (its create_dataset_from_buffers with expert_policy=): 100 episodes after one reset
+    # with seed 123; the random policy's actions seeded too, so that every regeneration gets the same numbers
+    ref_max = minari.utils.get_average_reference_score(eval_env, expert, 100)
     eval_env.action_space.seed(123)
-    ref_min = average_return(eval_env, lambda obs: eval_env.action_space.sample(), 100, seed=123)
+    ref_min = minari.utils.get_average_reference_score(eval_env, lambda obs: eval_env.action_space.sample(), 100)
     with warnings.catch_warnings(), removing_maze_xml():
         warnings.simplefilter("ignore")  # Minari asks for an author and a code permalink
         dataset = minari.create_dataset_from_buffers(
@@ -441,16 +449,26 @@ def regenerate_dataset(maze: str, steps: int, dataset_id: str) -> minari.MinariD
 
 
 def find_or_regenerate(args: Args, dataset_id: str) -> tuple[minari.MinariDataset, str]:
-    """The requested dataset if it is local or downloadable; otherwise, loudly, the recipe's regeneration."""
+    """The requested dataset if it is local; else a regeneration made earlier; else the download; else, loudly,
+    the recipe's regeneration. A --dataset-steps other than the recipe's 1M asks for a regeneration of that size:
+    no download is tried."""
     maze = args.env_id.lower()
-    if args.dataset_id is None and not dataset_is_local(dataset_id):
-        regenerated_id = regenerated_dataset_id(maze, args.dataset_steps)
-        print(f"{dataset_id} is not local: using {regenerated_id}, Minari's recipe run here (not the download)")
-        if not dataset_is_local(regenerated_id):
-            print(f"*** REGENERATING {regenerated_id}: {args.dataset_steps} steps by Minari's published recipe ***")
-            return regenerate_dataset(maze, args.dataset_steps, regenerated_id), regenerated_id
+    if args.dataset_id is not None or dataset_is_local(dataset_id):
+        return load_minari_dataset(dataset_id), dataset_id
+    regenerated_id = regenerated_dataset_id(maze, args.dataset_steps)
+    if dataset_is_local(regenerated_id):
+        print(f"{dataset_id} is not local: using {regenerated_id}, Minari's recipe run here (--dataset-id "
+              f"{dataset_id} downloads the original)")  # fmt: skip
         return load_minari_dataset(regenerated_id), regenerated_id
-    return load_minari_dataset(dataset_id), dataset_id
+    reason = f"no download tried: --dataset-steps {args.dataset_steps} asks for a regeneration"
+    if args.dataset_steps == 1_000_000:
+        try:
+            return minari.load_dataset(dataset_id, download=True), dataset_id
+        except Exception as error:  # no network, no huggingface_hub: the regeneration below
+            reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+    print(f"*** {dataset_id} is neither local nor downloaded ({reason}): REGENERATING it as {regenerated_id}, "
+          f"{args.dataset_steps} steps by Minari's published recipe ***")  # fmt: skip
+    return regenerate_dataset(maze, args.dataset_steps, regenerated_id), regenerated_id
 
 
 def load_training_data(args: Args) -> tuple[minari.MinariDataset, str, gym.envs.registration.EnvSpec, dict]:
@@ -464,6 +482,13 @@ def load_training_data(args: Args) -> tuple[minari.MinariDataset, str, gym.envs.
     eval_env.close()
     if not isinstance(dataset.observation_space, gym.spaces.Dict):
         fail(f"{dataset_id} has {type(dataset.observation_space).__name__} observations; PointMaze has Dict ones")
+    maze = maze_of(env_spec)
+    if maze != args.env_id.lower():
+        fail(f"{dataset_id} is {'not a PointMaze dataset' if maze is None else f'the {maze} maze'}: pass the "
+             f"--env-id it was made on")  # fmt: skip
+    if args.training_return != "dataset" and ("Dense" in env_spec.id or env_spec.kwargs.get("reward_type") == "dense"):
+        fail(f"--training-return {args.training_return} counts steps at the goal (the sparse reward) and {dataset_id} "
+             "has dense rewards: use --training-return dataset")  # fmt: skip
     data = read_episodes(dataset)
     if args.training_return == "hold":
         cache_dir = minari.storage.get_dataset_path(dataset_id)
@@ -1077,12 +1102,14 @@ def train_iteration(
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def exploit_plans(model: GAC, s0: torch.Tensor, args: Args, autocast):
+def exploit_plans(model: GAC, s0: torch.Tensor, args: Args, autocast, generator: torch.Generator | None = None):
     """For each initial state: M candidates z0 ~ N(0, I), S Adam steps of ascent on
-    E[y | U(z0, s0)] - lambda/2 ||z0||^2, keep the best. Returns (z0 [n, L, d], predicted y [S+1, n, M], best [n])."""
+    E[y | U(z0, s0)] - lambda/2 ||z0||^2, keep the best. Returns (z0 [n, L, d], predicted y [S+1, n, M], best [n]).
+    `generator`: where the candidates come from (default torch's global one, which dropout also draws from)."""
     n, M = s0.shape[0], args.num_candidates
     s0 = s0.repeat_interleave(M, dim=0)
-    z0 = torch.randn(n * M, args.n_latent, args.d_model, device=s0.device, requires_grad=True)
+    shape = (n * M, args.n_latent, args.d_model)
+    z0 = torch.randn(shape, device=s0.device, generator=generator).requires_grad_(True)
     optimizer = torch.optim.Adam([z0], lr=args.exploit_lr)
     trace = []
     for step in range(args.exploit_steps + 1):
@@ -1104,19 +1131,22 @@ def exploration_target(buffer_y: torch.Tensor, quantile: float, delta_y: float) 
 
 
 @torch.no_grad()
-def prior_exploration_targets(model: GAC, s0: torch.Tensor, args: Args, autocast, samples: int = 256) -> torch.Tensor:
+def prior_exploration_targets(model: GAC, s0: torch.Tensor, args: Args, autocast, generator=None, samples: int = 256):
     """Per initial state: y+ = quantile_q of E[y | U(z0, s0)] over `samples` plans z0 ~ N(0, I), + delta_y."""
     n = s0.shape[0]
-    z0 = torch.randn(n * samples, args.n_latent, args.d_model, device=s0.device)
+    z0 = torch.randn(n * samples, args.n_latent, args.d_model, device=s0.device, generator=generator)
     with autocast():
         y_hat = model.predicted_return(z0, s0.repeat_interleave(samples, dim=0)).float()
     return torch.quantile(y_hat.view(n, samples), args.quantile, dim=1) + args.delta_y
 
 
-def explore_plans(model: GAC, s0: torch.Tensor, target_y: float | torch.Tensor, args: Args, autocast):
-    """Samples z0 ~ p(z0 | y+, s0) proportional to N(z0; 0, I) N(y+; E[y | z], sigma_y^2) by a short variational
-    fit (the same local inference as training); y+ is one number or one per state. Returns (z0, mu, logvar) of
-    each fitted posterior."""
+def explore_plans(model: GAC, s0: torch.Tensor, target_y: float | torch.Tensor, args: Args, autocast, generator=None):
+    """Plans for the target y+ (one number or one per state): z0 from p(z0 | y+, s0), proportional to
+    N(z0; 0, I) N(y+; E[y | z], sigma_y^2), by a short variational fit (the same local inference as training) of
+    q = N(mu, sigma^2) from the prior, with one draw eps ~ N(0, I) kept throughout. The plan is that draw's
+    z0 = mu + sigma * eps: a prior sample moved until it predicts y+, no further than the prior allows. A fresh
+    draw from the fitted q would mostly miss y+: a diagonal q keeps the prior's width in every direction, the one
+    the return depends on included. Returns z0 [n, L, d]."""
     n = s0.shape[0]
     shape = (n, args.n_latent, args.d_model)
     target = torch.as_tensor(target_y, device=s0.device, dtype=torch.float32).expand(n)
@@ -1126,10 +1156,10 @@ def explore_plans(model: GAC, s0: torch.Tensor, target_y: float | torch.Tensor, 
             y_hat = model.predicted_return(z0, s0)
         return gaussian_log_prob(target, y_hat, math.log(args.return_std))
 
-    eps = torch.randn(shape, device=s0.device)
+    eps = torch.randn(shape, device=s0.device, generator=generator)
     zeros = torch.zeros(shape, device=s0.device)
     mu, logvar = fit_local_posteriors(zeros, zeros, eps, log_likelihood, args.explore_steps, args.explore_lr, 0.0)
-    return mu + (0.5 * logvar).exp() * eps, mu, logvar
+    return mu + (0.5 * logvar).exp() * eps
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1388,7 +1418,7 @@ def plot_inference_dynamics(trace: torch.Tensor, best: torch.Tensor, achieved_y:
 def online_part(buffer: TrajectoryBuffer, n_offline: int) -> dict[str, torch.Tensor]:
     """The buffer's online trajectories (from index n_offline on), copied to the CPU on their own: torch.save of a
     slice writes the storage under it, and the whole offline dataset with it."""
-    return {key: value[n_offline:].to("cpu", copy=True) for key, value in asdict(buffer).items()}
+    return {field.name: getattr(buffer, field.name)[n_offline:].to("cpu", copy=True) for field in fields(buffer)}
 
 
 def save_checkpoint(path: str, state: dict):
@@ -1526,8 +1556,14 @@ if __name__ == "__main__":
         generator.set_state(checkpoint["generator_state"])
         sampler.set_state(checkpoint["sampler_state"])
         torch.set_rng_state(checkpoint["torch_rng_state"])
+        if device.type == "cuda" and "cuda_rng_state" in checkpoint:  # dropout draws from it on the GPU
+            torch.cuda.set_rng_state(checkpoint["cuda_rng_state"], device)
         iteration, start_round = checkpoint["iteration"], checkpoint["round"]
         metrics = json.loads(checkpoint["metrics"])
+        for key, value in checkpoint.get("timings", {}).items():  # the killed run's time counts too
+            timings[key] += value
+        counts |= checkpoint.get("counts", {})
+        run_start -= checkpoint.get("elapsed_s", 0.0)
         print(f"resumed {run_dir} at iteration {iteration}, online round {start_round}")
     elif init_checkpoint is not None:
         if init_checkpoint["posterior_mu"].shape[0] != n_offline:
@@ -1548,7 +1584,8 @@ if __name__ == "__main__":
             metrics["local_posteriors"] = offline_run["local_posteriors"]
         print(f"starting from the offline model of {init_path} (iteration {iteration})")
 
-    writer = SummaryWriter(run_dir, purge_step=iteration if checkpoint is not None else None)
+    # a resumed run drops what the killed one logged after its checkpoint, which was written after step `iteration`
+    writer = SummaryWriter(run_dir, purge_step=iteration + 1 if checkpoint is not None else None)
     if args.track:
         try:
             import wandb
@@ -1592,10 +1629,14 @@ if __name__ == "__main__":
                 "generator_state": generator.get_state(),
                 "sampler_state": sampler.get_state(),
                 "torch_rng_state": torch.get_rng_state(),
+                "cuda_rng_state": torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.empty(0),
                 "iteration": iteration,
                 "round": round_index,
                 "args": asdict(args),
                 "metrics": json.dumps(metrics),
+                "timings": timings,
+                "counts": counts,
+                "elapsed_s": time.time() - run_start,
             },
         )
 
@@ -1620,9 +1661,11 @@ if __name__ == "__main__":
         """Exploitation: ascent on the plan at every reset, deterministic actions; normalised score x 100."""
         start = time.time()
         traces = []
+        seed = args.seed + 10_000 + iteration
+        plans = torch.Generator(device=device).manual_seed(seed)  # its own: training's random numbers stay as they are
 
         def choose_plan(s0):
-            z0, trace, best = exploit_plans(model, s0, args, autocast)
+            z0, trace, best = exploit_plans(model, s0, args, autocast, plans)
             traces.append((trace, best))
             return z0, {"predicted_y": trace[-1, torch.arange(len(best)), best]}
 
@@ -1632,7 +1675,7 @@ if __name__ == "__main__":
             choose_plan,
             num_episodes,
             normalize,
-            seed=args.seed + 10_000 + iteration,
+            seed=seed,
             autocast=autocast,
             description=f"evaluate ({label})",
         )
@@ -1764,6 +1807,8 @@ if __name__ == "__main__":
         # ---- offline: maximise the ELBO on the dataset ----
         if iteration < args.num_iterations:
             train(args.num_iterations - iteration, "offline training", "offline", 0)
+            metrics.pop("local_posteriors", None)  # an --init-from run's, from before this training
+        if "local_posteriors" not in metrics:  # computed once, by the run that ends the offline training
             std, active = float((0.5 * posterior_logvar[:n_offline]).exp().mean()), active_latent_dims(posterior_mu)
             metrics["local_posteriors"] = {"std": std, "active_dims": active, "dims": posterior_mu[0].numel()}
             warning = ""  # README, implementation notes: "The posteriors need visits"
@@ -1803,13 +1848,15 @@ if __name__ == "__main__":
             else:
                 target_y = None  # one per episode, from its own s0
 
-            def choose_plan(s0, target_y=target_y):
+            seed = args.seed + 20_000 + round_index
+            plans = torch.Generator(device=device).manual_seed(seed)
+
+            def choose_plan(s0, target_y=target_y, plans=plans):
                 if target_y is None:
-                    target = prior_exploration_targets(model, s0, args, autocast)
+                    target = prior_exploration_targets(model, s0, args, autocast, plans)
                 else:
                     target = torch.full((s0.shape[0],), target_y, device=s0.device)
-                z0, _, logvar = explore_plans(model, s0, target, args, autocast)
-                return z0, {"logvar": logvar, "target_y": target}
+                return explore_plans(model, s0, target, args, autocast, plans), {"target_y": target}
 
             episodes = rollout(
                 envs,
@@ -1817,7 +1864,7 @@ if __name__ == "__main__":
                 choose_plan,
                 args.episodes_per_round,
                 normalize,
-                seed=args.seed + 20_000 + round_index,
+                seed=seed,
                 autocast=autocast,
                 description=f"round {round_index + 1}: explore"
                 + (f" (y+ = {100 * target_y:.1f})" if target_y is not None else " (y+ per start)"),
@@ -1832,17 +1879,24 @@ if __name__ == "__main__":
                     y=torch.as_tensor(new_y, device=device, dtype=torch.float32),
                 )
             )
-            # the new trajectories' local posteriors start at the plan that generated them
-            posterior_mu = torch.cat([posterior_mu, torch.stack([p["z0"] for p in episodes["plan"]])])
-            posterior_logvar = torch.cat([posterior_logvar, torch.stack([p["logvar"] for p in episodes["plan"]])])
+            # the new trajectories' local posteriors start at the plan that generated them, narrow as the offline ones
+            new_mu = torch.stack([p["z0"] for p in episodes["plan"]])
+            posterior_mu = torch.cat([posterior_mu, new_mu])
+            posterior_logvar = torch.cat([posterior_logvar, torch.full_like(new_mu, args.posterior_init_logvar)])
+            raw_states = [s * state_normalizer.std + state_normalizer.mean for s in episodes["states"]]
+            training_routes += "#" + route_index([cell_route(position_cells(maze, s[:, :2])) for s in raw_states])
             timings["online_collection"] += time.time() - start
-            writer.add_scalar("online/round", round_index + 1, iteration)
-            writer.add_scalar("online/target_score", 100 * target_y, iteration)
-            writer.add_scalar("online/buffer_quantile_score", 100 * quantile_y, iteration)
-            writer.add_scalar("online/achieved_score", 100 * new_y.mean(), iteration)
-            writer.add_scalar("online/achieved_score_max", 100 * new_y.max(), iteration)
-            writer.add_scalar("online/buffer_trajectories", len(buffer), iteration)
-            writer.add_scalar("online/buffer_score_mean", 100 * buffer.y.mean(), iteration)
+            # at the first update that trains on them: a resume from the checkpoint before them purges them
+            for key, value in {
+                "round": round_index + 1,
+                "target_score": 100 * target_y,
+                "buffer_quantile_score": 100 * quantile_y,
+                "achieved_score": 100 * new_y.mean(),
+                "achieved_score_max": 100 * new_y.max(),
+                "buffer_trajectories": len(buffer),
+                "buffer_score_mean": 100 * buffer.y.mean(),
+            }.items():
+                writer.add_scalar(f"online/{key}", value, iteration + 1)
             print(
                 f"round {round_index + 1}: y+ {100 * target_y:.1f}, achieved {100 * new_y.mean():.1f} "
                 f"+- {100 * new_y.std():.1f}, buffer {len(buffer)} trajectories"

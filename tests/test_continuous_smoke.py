@@ -93,8 +93,15 @@ def test_a_killed_run_resumes_from_its_checkpoint(minari_root, tmp_path):
     assert "resumed" in result.stdout
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
     assert metrics["offline"]["iteration"] == 150 and metrics["online"][0]["iteration"] == 155
-    steps = [step for step, _ in scalars(run_dir, "losses/elbo")]
-    assert steps == sorted(set(steps)) and steps[-1] == 155  # no step logged twice after the purge
+    resumed = scalars(run_dir, "losses/elbo")  # none lost at the checkpoint's step, none logged twice
+    assert [step for step, _ in resumed] == list(range(5, 160, 5))
+    assert [step for step, _ in scalars(run_dir, "online/achieved_score")] == [151]
+    assert metrics["local_posteriors"]["dims"] > 0 and metrics["timings_s"]["offline_training"] > 0
+    whole = tmp_path / "whole"  # the same run, never killed: a CPU resume repeats it exactly
+    whole.mkdir()
+    run(flags, cwd=whole)
+    assert scalars(only_run_dir(whole), "losses/elbo") == resumed
+    assert scalars(only_run_dir(whole), "eval/return") == scalars(run_dir, "eval/return")
 
 
 def test_ablations_start_from_the_offline_model_of_another_run(minari_root, tmp_path):

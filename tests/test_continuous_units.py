@@ -208,8 +208,8 @@ def test_exploration_plans_move_the_prediction_towards_the_target():
         prior_prediction = model.predicted_return(torch.randn(16, 3, 16), s0)
     target = float(prior_prediction.mean() + 2 * prior_prediction.std())
     args = tiny_args(explore_steps=60, explore_lr=0.1, return_std=0.01)
-    z0, mu, logvar = gac.explore_plans(model, s0, target, args, gac_nullcontext)
-    assert z0.shape == mu.shape == logvar.shape == (16, 3, 16)
+    z0 = gac.explore_plans(model, s0, target, args, gac_nullcontext)
+    assert z0.shape == (16, 3, 16)
     error_after = (model.predicted_return(z0, s0) - target).abs().mean()
     assert error_after < (prior_prediction - target).abs().mean()
 
@@ -237,7 +237,7 @@ def test_exploration_plans_follow_a_target_per_state():
     spread = prior_prediction.std()
     target = prior_prediction.mean() + torch.where(torch.arange(16) < 8, -spread, spread)
     args = tiny_args(explore_steps=60, explore_lr=0.1, return_std=0.01)
-    z0, _, _ = gac.explore_plans(model, s0, target, args, gac_nullcontext)
+    z0 = gac.explore_plans(model, s0, target, args, gac_nullcontext)
     with torch.no_grad():
         reached = model.predicted_return(z0, s0)
     assert reached[8:].mean() - reached[:8].mean() > spread  # low targets low, high targets high

@@ -68,9 +68,12 @@ def test_maze_envs_leave_no_xml_in_the_temp_folder():
     env = gac.maze_env("medium", evaluation=True, max_episode_steps=600)
     gac.make_env(env.spec)().close()
     env.close()
+    other = os.path.join(tempfile.gettempdir(), "ant_maze_of_another_process.xml")
     with gac.removing_maze_xml():
         gym.make("PointMaze_UMaze-v3").close()  # as Minari makes them
-    assert set(glob.glob(pattern)) == before
+        open(other, "w").close()  # another process's file, written while the block runs
+    assert set(glob.glob(pattern)) == before | {other}  # ours gone, the other process's left alone
+    os.remove(other)
 
 
 def test_hindsight_returns_count_the_steps_at_the_goal_after_arrival():
@@ -191,7 +194,7 @@ def test_end_to_end_regenerates_then_reuses_the_dataset(minari_root, tmp_path):
     env = os.environ | {"MINARI_DATASETS_PATH": str(tmp_path / "datasets")}
     first = subprocess.run([sys.executable, script, *flags], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "REGENERATING gac-regenerated/pointmaze/umaze-3000steps-v2" in first.stdout
+    assert "REGENERATING it as gac-regenerated/pointmaze/umaze-3000steps-v2" in first.stdout
     (run_name,) = os.listdir(tmp_path / "runs")
     run_dir = tmp_path / "runs" / run_name
     metrics = json.load(open(run_dir / "metrics.json"))
@@ -231,7 +234,21 @@ def test_bad_input_gets_one_line(tmp_path):
         (["--env-id", "huge"], "valid: umaze, medium, large"),
         (["--training-return", "raw"], "--training-return must be hindsight, hold or dataset"),
         (["--sample-by", "steps"], "--sample-by must be length or uniform"),
+        (["--analysis-episodes", "1"], "--analysis-episodes must be 0 (no analyses) or at least 2"),
     ]:
         result = subprocess.run([sys.executable, script, *flags], cwd=tmp_path, capture_output=True, text=True)
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_a_dataset_of_another_maze_gets_one_line(tiny_maze_dataset, tmp_path):
+    script = os.path.join(ROOT, "gac_maze2d.py")
+    flags = ["--env-id", "medium", "--dataset-id", tiny_maze_dataset]  # an umaze dataset
+    result = subprocess.run([sys.executable, script, *flags], cwd=tmp_path, capture_output=True, text=True)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and lines == [
+        f"gac_maze2d.py: error: {tiny_maze_dataset} is the umaze maze: pass the --env-id it was made on"
+    ], result.stderr
+    assert [gac.maze_of(gym.spec(f"PointMaze_{name}-v3")) for name in ["UMaze", "Medium", "Large"]] == [
+        "umaze", "medium", "large"
+    ]  # fmt: skip
