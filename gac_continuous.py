@@ -10,7 +10,9 @@ by inference on that model: gradient ascent on E[y | z] to exploit, sampling z g
 return y+ to explore while fine-tuning online.
 """
 
+import importlib.util
 import json
+import logging
 import math
 import os
 import random
@@ -18,8 +20,10 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import sys
 import time
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 
@@ -272,13 +276,35 @@ def dataset_hint(dataset_id: str) -> str:
     return f" To regenerate D4RL's {level} level here: {command}."
 
 
+def local_or_downloaded(dataset_id: str) -> minari.MinariDataset:
+    """minari.load_dataset(download=True), quick and quiet where there is no network: where the hub's host does not
+    resolve it raises at once, instead of huggingface_hub's ~25 s of retries, each logged."""
+    local = os.path.isdir(os.path.join(minari.storage.get_dataset_path(dataset_id), "data"))
+    on_the_hub = os.environ.get("MINARI_REMOTE", "hf://").startswith("hf://") and not os.environ.get("HF_HUB_OFFLINE")
+    if not local and on_the_hub and importlib.util.find_spec("huggingface_hub"):  # without it Minari says what to do
+        from huggingface_hub import constants
+
+        host = urllib.parse.urlparse(constants.ENDPOINT).hostname
+        try:
+            socket.getaddrinfo(host, 443)
+        except OSError as error:
+            raise ConnectionError(f"no network: {host} does not resolve") from error
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        return minari.load_dataset(dataset_id, download=True)
+    finally:
+        logger.setLevel(level)
+
+
 def load_minari_dataset(dataset_id: str) -> minari.MinariDataset:
     """Loads a local Minari dataset, downloading it when it is not local and a network is there."""
     root = os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
     if dataset_id.startswith("gac-regenerated/") and not os.path.isdir(os.path.join(root, dataset_id, "data")):
         fail(f"{dataset_id!r} is not in {root}.{dataset_hint(dataset_id)}")
     try:
-        return minari.load_dataset(dataset_id, download=True)
+        return local_or_downloaded(dataset_id)
     except Exception as error:  # no network, no huggingface_hub, unknown id: all end the same way
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         fail(

@@ -495,3 +495,12 @@ def test_progress_bar_writes_its_line_to_a_log_before_the_loop_ends(capsys):
         progress.update(task, info="elbo 12.5")
         during = capsys.readouterr().out
     assert "offline training" in during and "1/4" in during and "elbo 12.5" in during
+
+
+def test_a_download_without_network_fails_at_once(monkeypatch, tmp_path):
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("MINARI_DATASETS_PATH", str(tmp_path))
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # .invalid never resolves
+    with pytest.raises(ConnectionError, match="no network: hub.invalid does not resolve"):
+        gac.local_or_downloaded("mujoco/hopper/medium-v0")  # not ~25 s of huggingface_hub's retries
