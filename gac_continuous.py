@@ -135,6 +135,11 @@ class Args:
     """Adam learning rate of the ascent"""
     exploit_kl_weight: float = 0.01
     """lambda: weight of the KL penalty (lambda/2 ||z0||^2) that keeps plans near the prior"""
+    replan_every: int = 0
+    """evaluation: every this many steps of an episode, a new plan by the same exploitation from the state the
+    agent is in, taken as a new start (0: one plan per episode; a multiple of --context-len, so that a plan starts
+    a context block). The prior and return head learnt from episode starts: Maze2D's segments start anywhere, a
+    MuJoCo episode only near its initial pose"""
     eval_episodes: int = 10
     """episodes per evaluation"""
     eval_every: int = 1000
@@ -184,7 +189,7 @@ def fail(message: str):
 
 # the flags an --init-from run may set differently from the run that trained its offline model: they act after it
 AFTER_OFFLINE_FLAGS = """exp_name seed torch_deterministic cuda track wandb_project_name wandb_entity save_model
-    resume init_from num_candidates exploit_steps exploit_lr exploit_kl_weight eval_episodes eval_every
+    resume init_from num_candidates exploit_steps exploit_lr exploit_kl_weight replan_every eval_episodes eval_every
     online_rounds episodes_per_round online_iterations online_fraction quantile delta_y target_from fixed_target
     explore_steps explore_lr num_envs async_envs checkpoint_every log_every""".split()
 
@@ -218,6 +223,8 @@ def check_args(args: Args):
     for name in ["learning_rate", "posterior_lr", "exploit_lr", "explore_lr", "return_std", "max_grad_norm"]:
         if not getattr(args, name) > 0:
             fail(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if args.replan_every < 0 or args.replan_every % args.context_len:
+        fail(f"--replan-every must be 0 or a multiple of --context-len ({args.context_len}), got {args.replan_every}")
     if args.time_embedding not in ("absolute", "block"):
         fail(f"--time-embedding must be absolute or block, got {args.time_embedding!r}")
     if args.target_from not in ("buffer", "prior"):
@@ -929,10 +936,13 @@ def rollout(
     seed: int,
     autocast,
     description: str,
+    replan_every: int = 0,
 ) -> dict:
     """Runs exactly `num_episodes` episodes, env i running a fixed quota of them (so short episodes are not
-    over-represented), each with one plan chosen at its reset by `choose_plan(s0) -> (z0, info)`. Returns each
-    episode's return, length, states, actions, and plan (z0 and the info of its choice).
+    over-represented), each with one plan chosen at its reset by `choose_plan(s0) -> (z0, info)`, and with
+    `replan_every` a new one every that many steps, chosen the same way from the current state. Returns each
+    episode's return, length, states, actions, and plan (z0 and the info of its choice; the later plans' z0 in
+    "replans").
 
     The vector env autoresets in the same step (Gymnasium 1.x SAME_STEP mode): the observation returned with
     a done flag is the next episode's s0, and every `step` call is one real step of every env, so no step is
@@ -991,6 +1001,13 @@ def rollout(
                     plan_tokens[restart] = model.plan(new_z0, states[restart])[1]
                 for j, i in enumerate(restart):
                     current_plan[i] = {"z0": new_z0[j]} | {key: value[j] for key, value in new_info.items()}
+            replan = np.flatnonzero(~done & (finished < quota) & (t % replan_every == 0)) if replan_every else []
+            if len(replan):  # a new block starts at this step: its plan, from the state each episode is in
+                new_z0, _ = choose_plan(states[replan])
+                with torch.no_grad():
+                    plan_tokens[replan] = model.plan(new_z0, states[replan])[1]
+                for j, i in enumerate(replan):
+                    current_plan[i].setdefault("replans", []).append(new_z0[j])
     return episodes
 
 
@@ -1272,6 +1289,7 @@ if __name__ == "__main__":
             seed=seed,
             autocast=autocast,
             description=f"evaluate ({label})",
+            replan_every=args.replan_every,
         )
         counts["eval_env_steps"] += int(np.sum(episodes["lengths"]))
         scores = 100 * normalize_returns(np.array(episodes["returns_raw"]), ref_min, ref_max)

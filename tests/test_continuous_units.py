@@ -478,6 +478,42 @@ def test_rollout_records_every_step_of_every_episode_once():
     envs.close()
 
 
+def test_replanning_starts_a_block_with_a_plan_from_the_current_state():
+    model = tiny_model(obs_dim=2, act_dim=1, max_len=16).eval()  # context_len 4
+    for weight in model.generator.parameters():
+        torch.nn.init.normal_(weight, std=0.3)
+    envs = gym.vector.SyncVectorEnv([CountingEnv for _ in range(3)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    calls = []
+
+    def choose_plan(s0):  # a different plan at every call
+        calls.append(s0.clone())
+        return torch.randn(len(s0), 3, 16), {"s0": s0.clone()}
+
+    episodes = gac.rollout(envs, model, choose_plan, 9, lambda obs: obs.astype(np.float32), 0, gac_nullcontext, "t", 4)
+    assert any(length > 4 for length in episodes["lengths"]) and any(length <= 4 for length in episodes["lengths"])
+    chosen_at = [tuple(s.tolist()) for batch in calls for s in batch]
+    for states, actions, length, plan in zip(episodes["states"], episodes["actions"], episodes["lengths"],
+                                             episodes["plan"], strict=True):  # fmt: skip
+        assert len(plan.get("replans", [])) == (length - 1) // 4  # at steps 4, 8, ... of the episode
+        if length > 4:
+            assert tuple(states[4].tolist()) in chosen_at  # the new plan was chosen from the state at step 4
+        states, actions = (
+            torch.nn.functional.pad(torch.as_tensor(x), (0, 0, 0, 8 - length)) for x in (states, actions)
+        )
+        with torch.no_grad():  # the first block acts on the first plan, the second on the plan made at step 4
+            for z0, s0, steps in [(plan["z0"], states[0], slice(0, 4))] + [
+                (z0, states[4], slice(4, 8)) for z0 in plan.get("replans", [])
+            ]:
+                tokens = model.plan(z0[None], s0[None])[1]
+                expected = model.generator(states[None], actions[None], torch.arange(8)[None], tokens)[0]
+                torch.testing.assert_close(
+                    actions[steps][: length - steps.start], expected[steps][: length - steps.start]
+                )
+    envs.close()
+    with pytest.raises(SystemExit, match="--replan-every must be 0 or a multiple of --context-len"):
+        gac.check_args(gac.Args(replan_every=10))
+
+
 def test_a_bad_flag_and_an_unknown_env_end_with_one_line():
     with pytest.raises(SystemExit, match="--quantile must be in"):
         gac.check_args(gac.Args(quantile=1.5))
