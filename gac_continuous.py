@@ -426,9 +426,10 @@ def read_episodes(
         rewards.append(np.asarray(episode.rewards, dtype=np.float64))
     if cache and states:
         lengths = np.array([len(a) for a in actions])
-        np.savez(path + ".tmp.npz", source=source, lengths=lengths, states=np.concatenate(states),
+        tmp = f"{path}.{os.getpid()}.tmp.npz"  # runs sharing the dataset write their own
+        np.savez(tmp, source=source, lengths=lengths, states=np.concatenate(states),
                  actions=np.concatenate(actions), rewards=np.concatenate(rewards))  # fmt: skip
-        os.replace(path + ".tmp.npz", path)
+        os.replace(tmp, path)
     return states, actions, rewards
 
 

@@ -87,6 +87,9 @@ class Args:
     controller holding at its goal, simulated once and cached, and y its rewards summed: the evaluation's return),
     hindsight (the same y without the hold steps: reaching the goal when the episode did and then staying is
     assumed, not shown) or dataset (the stored rewards: 1 for every goal-to-goal episode)"""
+    hold_steps: int = 0
+    """with hold returns: the hold steps kept in each training trajectory (0: all, to the horizon); y still counts
+    the rewards of the whole horizon"""
 
     # Model
     d_model: int = 128
@@ -224,13 +227,15 @@ def load_offline_checkpoint(init_from: str, args: Args) -> tuple[str, dict]:
 
 
 def check_args(args: Args):
+    if args.hold_steps and args.training_return != "hold":
+        fail(f"--hold-steps cuts the holds of --training-return hold, not of {args.training_return}")
     positive = """d_model n_layer n_head prior_layers n_latent n_return_tokens context_len batch_size num_candidates
         eval_episodes eval_every episodes_per_round num_envs checkpoint_every log_every""".split()
     for name in positive:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     non_negative = """num_iterations warmup_iterations inner_steps inner_blocks exploit_steps online_rounds
-        online_iterations explore_steps free_bits exploit_kl_weight weight_decay analysis_episodes""".split()
+        online_iterations explore_steps free_bits exploit_kl_weight weight_decay analysis_episodes hold_steps""".split()
     for name in non_negative:
         if getattr(args, name) < 0:
             fail(f"--{name.replace('_', '-')} must be non-negative, got {getattr(args, name)}")
@@ -523,9 +528,14 @@ def load_training_data(args: Args) -> tuple[minari.MinariDataset, str, gym.envs.
         fail(f"--training-return {args.training_return} counts steps at the goal (the sparse reward) and {dataset_id} "
              "has dense rewards: use --training-return dataset")  # fmt: skip
     data = read_episodes(dataset)
+    horizon = env_spec.max_episode_steps
     if args.training_return == "hold":
-        cache_dir = minari.storage.get_dataset_path(dataset_id)
-        data = hold_at_goals(data, args.env_id.lower(), env_spec.max_episode_steps, cache_dir)
+        segment_lengths = data["lengths"]
+        data = hold_at_goals(data, args.env_id.lower(), horizon, minari.storage.get_dataset_path(dataset_id))
+    rewards = split_episodes(data["rewards"], data["lengths"])
+    data["returns"] = training_returns(rewards, data["reached_goal"], horizon, args.training_return)
+    if args.training_return == "hold" and args.hold_steps:
+        data = keep_holds(data, segment_lengths, args.hold_steps)
     return dataset, dataset_id, env_spec, data
 
 
@@ -567,8 +577,9 @@ def read_episodes(dataset: minari.MinariDataset, cache: bool = True) -> dict:
             "lengths": lengths, "reached_goal": np.array(reached_goal),
             "final_states": np.array(final_states)}  # fmt: skip
     if cache:
-        np.savez(path + ".tmp.npz", source=source, **data)
-        os.replace(path + ".tmp.npz", path)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"  # runs sharing the dataset write their own
+        np.savez(tmp, source=source, **data)
+        os.replace(tmp, path)
     return data
 
 
@@ -610,9 +621,20 @@ def hold_at_goals(data: dict, maze: str, horizon: int, cache_dir: str | None = N
     lengths = np.array([len(a) for a in parts["actions"]])
     held_data |= {"lengths": lengths, "reached_goal": data["reached_goal"]}
     if path:
-        np.savez(path + ".tmp.npz", source=source, **held_data)
-        os.replace(path + ".tmp.npz", path)
+        tmp = f"{path}.{os.getpid()}.tmp.npz"  # runs sharing the dataset write their own
+        np.savez(tmp, source=source, **held_data)
+        os.replace(tmp, path)
     return held_data
+
+
+def keep_holds(data: dict, segment_lengths: np.ndarray, hold_steps: int) -> dict:
+    """Each held trajectory cut to its segment and the first `hold_steps` steps of its hold; the returns are kept."""
+    keep = np.minimum(data["lengths"], segment_lengths + hold_steps)
+    cut = {
+        key: np.concatenate([x[:k] for x, k in zip(split_episodes(data[key], data["lengths"]), keep, strict=True)])
+        for key in ["states", "actions", "rewards"]
+    }
+    return data | cut | {"lengths": keep}
 
 
 def simulate_holds(maze: str, horizon: int, final_states: np.ndarray, hold_steps: np.ndarray, seed: int) -> list:
@@ -1527,9 +1549,7 @@ if __name__ == "__main__":
         split_episodes(data["states"], data["lengths"]),
         split_episodes(data["actions"], data["lengths"]),
     )
-    returns_raw = training_returns(
-        split_episodes(data["rewards"], data["lengths"]), data["reached_goal"], horizon, args.training_return
-    )
+    returns_raw = data["returns"]  # y over the whole horizon, also where --hold-steps cuts the holds short
     ref_min, ref_max, normalisation = reference_scores(dataset, returns_raw)
     state_normalizer = StateNormalizer(data["states"])
 

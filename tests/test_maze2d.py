@@ -252,3 +252,20 @@ def test_a_dataset_of_another_maze_gets_one_line(tiny_maze_dataset, tmp_path):
     assert [gac.maze_of(gym.spec(f"PointMaze_{name}-v3")) for name in ["UMaze", "Medium", "Large"]] == [
         "umaze", "medium", "large"
     ]  # fmt: skip
+
+
+def test_hold_steps_cut_the_holds_but_keep_the_returns():
+    segment_lengths = np.array([3, 5, 2])  # the second never reached its goal: nothing was held
+    held_lengths = np.array([10, 5, 10])
+    steps = held_lengths.sum()
+    data = {"states": np.arange(steps)[:, None] * np.ones((1, 6)), "actions": np.arange(steps)[:, None] * np.ones(2),
+            "rewards": np.ones(steps), "lengths": held_lengths, "reached_goal": np.array([True, False, True]),
+            "returns": np.array([7.0, 0.0, 8.0])}  # fmt: skip
+    cut = gac.keep_holds(data, segment_lengths, 4)
+    np.testing.assert_array_equal(cut["lengths"], [7, 5, 6])
+    np.testing.assert_array_equal(
+        cut["states"][:, 0], [0, 1, 2, 3, 4, 5, 6, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    )
+    assert len(cut["actions"]) == len(cut["rewards"]) == 18 and cut["returns"].tolist() == [7.0, 0.0, 8.0]
+    with pytest.raises(SystemExit, match="--hold-steps cuts the holds of --training-return hold"):
+        gac.check_args(gac.Args(hold_steps=8, training_return="hindsight"))
