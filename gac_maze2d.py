@@ -1777,10 +1777,13 @@ if __name__ == "__main__":
         )
         return result, episodes
 
+    def raw_states(episodes: dict) -> list[np.ndarray]:
+        """The episodes' states as the environment gave them (a rollout keeps them normalised)."""
+        return [s * state_normalizer.std + state_normalizer.mean for s in episodes["states"]]
+
     def analyse(label: str, episodes: dict) -> dict:
         """The paper's Maze2D claims, measured on one evaluation's episodes."""
-        raw_states = [s * state_normalizer.std + state_normalizer.mean for s in episodes["states"]]
-        found = analyse_episodes(raw_states, maze, goal_cell, training_routes)
+        found = analyse_episodes(raw_states(episodes), maze, goal_cell, training_routes)
         scores = 100 * normalize_returns(np.array(episodes["returns_raw"]), ref_min, ref_max)
         arrivals = [step for step in found["arrival_step"] if step is not None]  # of the episodes that arrived
         holds = [hold for hold in found["hold"] if hold is not None]
@@ -1947,8 +1950,10 @@ if __name__ == "__main__":
             new_mu = torch.stack([p["z0"] for p in episodes["plan"]])
             posterior_mu = torch.cat([posterior_mu, new_mu])
             posterior_logvar = torch.cat([posterior_logvar, torch.full_like(new_mu, args.posterior_init_logvar)])
-            raw_states = [s * state_normalizer.std + state_normalizer.mean for s in episodes["states"]]
-            training_routes += "#" + route_index([cell_route(position_cells(maze, s[:, :2])) for s in raw_states])
+            # the routes the model now trains on: the novel-route analysis compares with these too
+            training_routes += "#" + route_index(
+                [cell_route(position_cells(maze, s[:, :2])) for s in raw_states(episodes)]
+            )
             timings["online_collection"] += time.time() - start
             # at the first update that trains on them: a resume from the checkpoint before them purges them
             for key, value in {
