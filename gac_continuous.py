@@ -194,12 +194,27 @@ AFTER_OFFLINE_FLAGS = """exp_name seed torch_deterministic cuda track wandb_proj
     explore_steps explore_lr num_envs async_envs checkpoint_every log_every""".split()
 
 
+# what a resumed run reads from its checkpoint (an --init-from run needs no random-number states)
+CHECKPOINT_KEYS = set(
+    """model optimizer scheduler posterior_mu posterior_logvar online_buffer generator_state
+    sampler_state torch_rng_state iteration round args metrics""".split()
+)
+
+
+def check_checkpoint(checkpoint: dict, path: str, flag: str, keys: set):
+    """One line, not a KeyError, for a checkpoint that another version of this script wrote."""
+    missing = sorted(keys - set(checkpoint)) + sorted(set(checkpoint.get("args", {})) - {f.name for f in fields(Args)})
+    if missing:
+        fail(f"{flag}: {path} was written by another version of this script (it differs in {', '.join(missing)})")
+
+
 def load_offline_checkpoint(init_from: str, args: Args) -> tuple[str, dict]:
     """The checkpoint an --init-from run starts from; one line if it is missing or its offline flags differ."""
     path = os.path.join(init_from, "offline.pt") if os.path.isdir(init_from) else init_from
     if not os.path.isfile(path):
         fail(f"--init-from: no offline checkpoint at {path} (a run with --save-model writes offline.pt)")
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    check_checkpoint(checkpoint, path, "--init-from", CHECKPOINT_KEYS - {"sampler_state", "generator_state"})
     if checkpoint["round"] != 0 or checkpoint["online_buffer"]["lengths"].numel():
         fail(f"--init-from: {path} was written after online rounds; use the run's offline.pt")
     differ = {k: v for k, v in checkpoint["args"].items() if k not in AFTER_OFFLINE_FLAGS and getattr(args, k) != v}
@@ -1073,6 +1088,7 @@ if __name__ == "__main__":
         if not os.path.isfile(path):
             fail(f"--resume: no checkpoint at {path}")
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        check_checkpoint(checkpoint, path, "--resume", CHECKPOINT_KEYS)
         resumed_args = Args(**checkpoint["args"])
         args = resumed_args  # the run continues with the flags it started with
         args.save_model = True

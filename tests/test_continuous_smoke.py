@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 
+import torch
 from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tiny_datasets import TINY_HOPPER, make_tiny_hopper_dataset
@@ -126,7 +127,11 @@ def test_ablations_start_from_the_offline_model_of_another_run(minari_root, tmp_
 
 
 def test_bad_input_gets_one_line(minari_root, tmp_path):
+    old = tmp_path / "old_run"  # a checkpoint of another version: no batch-sampler state, a flag since removed
+    old.mkdir()
+    torch.save({"model": {}, "args": {"env_id": "Hopper", "flag_since_removed": 1}}, old / "checkpoint.pt")
     for flags, expected in [
+        (["--resume", str(old)], "another version of this script (it differs in generator_state, iteration,"),
         (["--env-id", "Pendulum"], "valid: Hopper, Walker2d, HalfCheetah, Ant"),
         (["--dataset-id", "mujoco/hopper/nonexistent-v0"], "minari download mujoco/hopper/nonexistent-v0"),
         (["--dataset-id", TINY_HOPPER, "--quantile", "2"], "--quantile must be in [0, 1]"),
