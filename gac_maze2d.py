@@ -326,7 +326,7 @@ def dataset_is_local(dataset_id: str) -> bool:
 def local_or_downloaded(dataset_id: str) -> minari.MinariDataset:
     """minari.load_dataset(download=True), quick and quiet where there is no network: where the hub's host does not
     resolve it raises at once, instead of huggingface_hub's ~25 s of retries, each logged."""
-    local = os.path.isdir(os.path.join(minari.storage.get_dataset_path(dataset_id), "data"))
+    local = dataset_is_local(dataset_id)
     on_the_hub = os.environ.get("MINARI_REMOTE", "hf://").startswith("hf://") and not os.environ.get("HF_HUB_OFFLINE")
     if not local and on_the_hub and importlib.util.find_spec("huggingface_hub"):  # without it Minari says what to do
         from huggingface_hub import constants
@@ -1578,9 +1578,12 @@ if __name__ == "__main__":
     analysis_env.close()
     goal_cells = [(r, c) for r, row in enumerate(maze.maze_map) for c, cell in enumerate(row) if cell == "g"]
     goal_cell = goal_cells[0] if goal_cells else MAZES[args.env_id.lower()][1]
-    training_routes = route_index(
-        [cell_route(position_cells(maze, s[:, :2])) for s in split_episodes(data["states"], data["lengths"])]
-    )
+
+    def routes_of(states: list[np.ndarray]) -> str:
+        """The route index (route_index) of trajectories given by their raw states."""
+        return route_index([cell_route(position_cells(maze, s[:, :2])) for s in states])
+
+    training_routes = routes_of(split_episodes(data["states"], data["lengths"]))
 
     max_len = max(env_spec.max_episode_steps or 0, max(len(a) for a in dataset_actions))
     padded_len = int(math.ceil(max_len / args.context_len) * args.context_len)
@@ -1967,9 +1970,7 @@ if __name__ == "__main__":
             posterior_mu = torch.cat([posterior_mu, new_mu])
             posterior_logvar = torch.cat([posterior_logvar, torch.full_like(new_mu, args.posterior_init_logvar)])
             # the routes the model now trains on: the novel-route analysis compares with these too
-            training_routes += "#" + route_index(
-                [cell_route(position_cells(maze, s[:, :2])) for s in raw_states(episodes)]
-            )
+            training_routes += "#" + routes_of(raw_states(episodes))
             timings["online_collection"] += time.time() - start
             # at the first update that trains on them: a resume from the checkpoint before them purges them
             for key, value in {
