@@ -744,6 +744,15 @@ def sample_batch(
     return torch.cat(parts)
 
 
+def last_draws(idx: torch.Tensor) -> torch.Tensor:
+    """The positions in `idx` of each value's last occurrence: the rows that write a batch's fits back. A trajectory
+    drawn twice is fitted twice; writing both rows with `posterior[idx] = rows` races between them (on a GPU, or a
+    CPU with several threads, either row may win, or a mix of the two), so only the last one is written."""
+    position = torch.arange(len(idx))
+    last = torch.full((int(idx.max()) + 1,), -1).scatter_reduce(0, idx, position, "amax")
+    return (last[idx] == position).nonzero().squeeze(1)
+
+
 def to_device(x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A CPU tensor to the device without making the host wait for the work queued there (a pinned, asynchronous
     copy; a plain one waits)."""
@@ -767,6 +776,7 @@ def train_iteration(
     T = int(math.ceil(int(lengths.max()) / K) * K)  # only as many blocks as the longest trajectory needs
     # the blocks that hold a trajectory's steps: the generator skips the rest, padding (half of Hopper's blocks)
     blocks = (torch.arange(T // K) < (lengths[:, None] + K - 1) // K).flatten().nonzero().squeeze(1)
+    last = to_device(last_draws(idx), device)
     idx, lengths, blocks = to_device(idx, device), to_device(lengths, device), to_device(blocks, device)
     states, actions, y = buffer.states[idx, :T], buffer.actions[idx, :T], buffer.y[idx].float()
     mask = valid_mask(lengths, T)
@@ -795,7 +805,7 @@ def train_iteration(
     mu, logvar = fit_local_posteriors(
         posterior_mu[idx], posterior_logvar[idx], eps, log_joint, args.inner_steps, args.posterior_lr, args.free_bits
     )
-    posterior_mu[idx], posterior_logvar[idx] = mu, logvar
+    posterior_mu[idx[last]], posterior_logvar[idx[last]] = mu[last], logvar[last]
 
     # (2) one global step on (alpha, beta, gamma) with z0 ~ q_i by reparameterisation; the KL has no parameters
     model.train()

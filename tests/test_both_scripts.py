@@ -105,3 +105,38 @@ def test_checkpoints_carry_the_online_trajectories_but_not_the_offline_data(gac)
         saved = io.BytesIO()
         torch.save(online, saved)
         assert saved.tell() < 10_000 + n_online * 64 * 5 * 4  # not the 640 kB of the whole buffer
+
+
+def test_a_trajectory_drawn_twice_gets_the_fit_of_its_last_row(gac, monkeypatch):
+    """Drawn by length with replacement, a trajectory can fill several rows of a batch, each fitted on its own.
+    Writing them all back at once races (several CPU threads or a GPU keep any row, or a mix of rows): the write
+    must keep exactly the last row's fit, which is what one thread did."""
+    assert torch.equal(gac.last_draws(torch.tensor([3, 1, 3, 0, 1, 3])), torch.tensor([3, 4, 5]))
+    n, batch, n_latent, d_model = 20, 256, 4, 64  # rows of 256 numbers: large enough for a parallel write
+    model = tiny_model(gac, d_model=d_model, n_latent=n_latent, n_layer=1, max_len=4)
+    args = gac.Args(d_model=d_model, n_layer=1, n_head=2, prior_layers=1, n_latent=n_latent, context_len=4,
+                    dropout=0.0, batch_size=batch, inner_steps=1)  # fmt: skip
+    states, actions = torch.randn(n, 4, 3), torch.rand(n, 4, 2) * 2 - 1
+    buffer = gac.TrajectoryBuffer(states, actions, torch.full((n,), 4), torch.zeros(n), torch.rand(n))
+
+    def fit(mu, logvar, *unused):  # row i of the batch fits to the value i everywhere
+        rows = torch.arange(len(mu), dtype=mu.dtype)[:, None, None].expand_as(mu)
+        return rows.clone(), -rows
+
+    monkeypatch.setattr(gac, "fit_local_posteriors", fit)
+    sampler = torch.Generator().manual_seed(0)
+    idx = gac.sample_batch(buffer.lengths, n, batch, 0.0, torch.Generator().manual_seed(0))
+    mu, logvar = torch.zeros(n, n_latent, d_model), torch.zeros(n, n_latent, d_model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda i: 1.0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        gac.train_iteration(model, optimizer, scheduler, buffer, n, mu, logvar, args, sampler, torch.Generator(),
+                            nullcontext)  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    last_row = {int(j): i for i, j in enumerate(idx)}
+    assert len(last_row) < batch  # the batch did draw trajectories more than once
+    for j, i in last_row.items():
+        assert torch.all(mu[j] == i) and torch.all(logvar[j] == -i), (j, i)
