@@ -7,6 +7,7 @@
 #   ./benchmark.sh -- --num-iterations 3000          # flags after -- go to every run
 #   ./benchmark.sh --slurm "--partition gpu --gres gpu:1 --time 01:00:00"   # one array task per job, then collect
 #   ./benchmark.sh --collect            # only collect the runs already under runs/
+#   ./benchmark.sh --out benchmark-cpu ...   # logs, table and plot there; the README block <!-- benchmark-cpu:start -->
 #   ./benchmark.sh --speed              # one Hopper run here, then where its time went and its throughput
 #   ./benchmark.sh --micro              # the hot paths alone on synthetic Hopper-size data, then a profile
 #     (env: SMALL=1 tiny sizes, COMPILE=0 no torch.compile, PARTS=act,eval,train,padding,profile, BATCH, REPS,
@@ -45,7 +46,7 @@ while (($#)); do
     --out) OUT=$2; shift 2 ;;
     --deadline) DEADLINE=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h | --help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "benchmark.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -170,7 +171,8 @@ for path in sorted(glob.glob("runs/*/metrics.json")):
         continue  # not a benchmark run, or the offline run the variants start from
     if "offline" not in metrics:
         continue
-    key = (metrics["script"], metrics["dataset_id"], args["exp_name"].removeprefix("bench-"))
+    machine = metrics.get("machine", metrics.get("device", "?"))  # seeds are averaged on one kind of machine only
+    key = (metrics["script"], metrics["dataset_id"], args["exp_name"].removeprefix("bench-"), machine)
     groups[key].append(metrics)
 if not groups:
     sys.exit("benchmark.sh: error: no finished benchmark runs under runs/ (run ./benchmark.sh first)")
@@ -188,20 +190,19 @@ lines = [
 ]
 commands = []
 rounds_by_key = {}
-for (script, dataset, variant), runs in sorted(groups.items()):
+for (script, dataset, variant, machine), runs in sorted(groups.items()):
     seeds = sorted(run["args"]["seed"] for run in runs)
     offline = [run["offline"]["score_mean"] for run in runs]
     # wall time of a whole run: the shared offline run until its checkpoint, then this run
     wall = [run["timings_s"]["total"] + run.get("init_from", {}).get("timings_s", {}).get("total", 0.0) for run in runs]
-    machines = sorted({run.get("machine", run["device"]) for run in runs})
     # a run stopped by --deadline keeps the rounds it finished: compare the seeds at the rounds all of them reached
     n_rounds = min(len(run.get("online", [])) for run in runs)
     online = [run["online"][n_rounds - 1]["score_mean"] for run in runs] if n_rounds else []
-    rounds_by_key[(script, dataset, variant)] = np.array(
+    rounds_by_key[(script, dataset, variant, machine)] = np.array(
         [[run["offline"]["score_mean"]] + [r["score_mean"] for r in run.get("online", [])[:n_rounds]] for run in runs]
     )
     planned = max(run["args"].get("online_rounds", 0) for run in runs)
-    after = "-" if not online else f"{mean_std(online)} ({n_rounds} rounds)"
+    after = "-" if not online else f"{mean_std(online)} ({n_rounds} round{'s' * (n_rounds > 1)})"
     if online and n_rounds < planned:
         after = f"{mean_std(online)} ({n_rounds} of {planned} rounds)"
     posteriors = [run["local_posteriors"] for run in runs if run.get("local_posteriors")]
@@ -212,16 +213,17 @@ for (script, dataset, variant), runs in sorted(groups.items()):
         gains = [p["plan_gain_action_per_step"] for p in posteriors if "plan_gain_action_per_step" in p]
         posterior += f", {np.mean(gains):.3f} nats/step" if gains else ""
     lines.append(f"| {script} | {dataset} | {variant} | {' '.join(map(str, seeds))} | {mean_std(offline)} "
-                 f"| {after} | {posterior} | {np.mean(wall):.0f} s | {', '.join(machines)} |")
+                 f"| {after} | {posterior} | {np.mean(wall):.0f} s | {machine} |")
     command = re.sub(r"--seed \d+", "--seed <seed>", runs[0].get("command", ""))
     command = re.sub(r"--init-from \S+", "--init-from <offline run>", command)
     offline_command = runs[0].get("init_from", {}).get("command")
     if offline_command:
         offline_command = re.sub(r"--seed \d+", "--seed <seed>", offline_command)
         command = f"{offline_command}`, then `{command}"
-    commands.append(f"- {script}, {dataset}, {variant}: `{command}`")
+    commands.append(f"- {script}, {dataset}, {variant}, {machine}: `{command}`")
 note = ("Wall time per run: the offline run the four variants share (data, offline training, its evaluation), "
-        "then the variant's own evaluation and online rounds; the variants ran four at a time on one device. "
+        "then the variant's own evaluation and online rounds; a seed's four variants ran at once, sharing a GPU or "
+        "the CPU cores. "
         "Posteriors: the local posteriors' mean std after offline training and the latent dimensions whose posterior "
         "means vary across trajectories (mean over seeds). They start at std 0.08 and no dimension in use; a trained "
         "latent has std near 1 and many dimensions in use; std near 0.08 means too few visits, no dimension in use "
@@ -234,14 +236,15 @@ with open(os.path.join(out, "results.md"), "w") as f:
     f.write(table)
 print(table)
 
-start, end = "<!-- benchmark:start -->", "<!-- benchmark:end -->"
+name = os.path.basename(os.path.normpath(out))  # --out benchmark-cpu fills the block <!-- benchmark-cpu:start -->
+start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
 readme = open("README.md").read()
 if start in readme and end in readme:
     before, rest = readme.split(start, 1)
     after = rest.split(end, 1)[1]
     with open("README.md", "w") as f:
         f.write(f"{before}{start}\n{table}{end}{after}")
-    print("README.md: results table updated")
+    print(f"README.md: results table {name} updated")
 
 import matplotlib
 
@@ -251,11 +254,12 @@ import matplotlib.pyplot as plt
 datasets = sorted({key[1] for key in rounds_by_key})
 figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.5), squeeze=False)
 for axis, dataset in zip(axes[0], datasets):
-    for (script, d, variant), scores in sorted(rounds_by_key.items()):
+    for (script, d, variant, machine), scores in sorted(rounds_by_key.items()):
         if d != dataset:
             continue
         rounds = np.arange(scores.shape[1])
-        axis.plot(rounds, scores.mean(0), marker="o", label=variant)
+        label = variant if len({key[3] for key in rounds_by_key}) == 1 else f"{variant}, {machine}"
+        axis.plot(rounds, scores.mean(0), marker="o", label=label)
         axis.fill_between(rounds, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), alpha=0.2)
     axis.set_title(dataset, fontsize=9)
     axis.set_xlabel("online round (0 = offline)")

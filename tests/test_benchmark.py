@@ -48,11 +48,12 @@ def fake_run(
     dataset="gac-regenerated/x-v2",
     offline_run_s=None,
     online_rounds=2,
+    machine="NVIDIA H100",
 ):
     run_dir = root / "runs" / name
     run_dir.mkdir(parents=True)
     metrics = {
-        "script": script, "dataset_id": dataset, "device": "cuda", "machine": "NVIDIA H100",
+        "script": script, "dataset_id": dataset, "device": "cuda", "machine": machine,
         "command": f"python {script} --env-id umaze --seed {seed} --exp-name bench-{variant}",
         "args": {"exp_name": f"bench-{variant}", "seed": seed, "online_rounds": online_rounds},
         "offline": {"score_mean": offline}, "online": [{"score_mean": s} for s in online or []],
@@ -80,6 +81,9 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
     fake_run(tmp_path, "f", "offline-data", 1, 10.0, [30.0, 31.0], online_rounds=3)
     fake_run(tmp_path, "g", "offline-data", 2, 20.0, [40.0], online_rounds=3)
     fake_run(tmp_path, "h", "fixed-target", 1, 10.0, [25.0])
+    fake_run(
+        tmp_path, "j", "fixed-target", 3, 90.0, [95.0], online_rounds=1, machine="CPU (2 cores)"
+    )  # never averaged with the H100's
     fake_run(tmp_path, "i", "fixed-target", 2, 20.0, None)
     (tmp_path / "runs" / "e").mkdir()
     (tmp_path / "runs" / "e" / "metrics.json").write_text(json.dumps({"args": {"exp_name": "gac_maze2d"}}))
@@ -101,5 +105,14 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
     assert "| offline |" not in readme
     assert "| 15.0 +- 5.0 | 35.0 +- 5.0 (1 of 3 rounds) |" in readme  # round 1 of both seeds
     assert "| fixed-target | 1 2 | 15.0 +- 5.0 | - |" in readme
-    assert readme.count("| gac_maze2d.py |") == 5  # gac, prior, gac_maze2d; the non-benchmark run is left out
+    assert "| fixed-target | 3 | 90.0 +- 0.0 | 95.0 +- 0.0 (1 round) |" in readme and "| CPU (2 cores) |" in readme
+    assert readme.count("| gac_maze2d.py |") == 6  # fixed-target twice (two machines); no non-benchmark run
     assert (tmp_path / "benchmark" / "score_by_round.png").stat().st_size > 0
+    # --out names the folder and the README block: another block, the first one untouched
+    (tmp_path / "README.md").write_text(readme + "<!-- benchmark-cpu:start -->\n<!-- benchmark-cpu:end -->\n")
+    result = subprocess.run(["bash", str(tmp_path / "benchmark.sh"), "--collect", "--out", "benchmark-cpu"],
+                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    both = (tmp_path / "README.md").read_text()
+    assert both.startswith(readme) and both.count("| gac_maze2d.py |") == 2 * readme.count("| gac_maze2d.py |")
+    assert (tmp_path / "benchmark-cpu" / "results.md").exists()
