@@ -261,6 +261,7 @@ for axis, dataset in zip(axes[0], datasets):
         label = variant if len({key[3] for key in rounds_by_key}) == 1 else f"{variant}, {machine}"
         axis.plot(rounds, scores.mean(0), marker="o", label=label)
         axis.fill_between(rounds, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), alpha=0.2)
+        axis.set_xticks(rounds)
     axis.set_title(dataset, fontsize=9)
     axis.set_xlabel("online round (0 = offline)")
     axis.set_ylabel("normalised score")
