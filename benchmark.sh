@@ -250,18 +250,20 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
+from matplotlib.ticker import MaxNLocator
 
 datasets = sorted({key[1] for key in rounds_by_key})
+several_machines = len({key[3] for key in rounds_by_key}) > 1
 figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.5), squeeze=False)
 for axis, dataset in zip(axes[0], datasets):
     for (script, d, variant, machine), scores in sorted(rounds_by_key.items()):
         if d != dataset:
             continue
         rounds = np.arange(scores.shape[1])
-        label = variant if len({key[3] for key in rounds_by_key}) == 1 else f"{variant}, {machine}"
+        label = f"{variant}, {machine}" if several_machines else variant
         axis.plot(rounds, scores.mean(0), marker="o", label=label)
         axis.fill_between(rounds, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), alpha=0.2)
-        axis.set_xticks(rounds)
+    axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     axis.set_title(dataset, fontsize=9)
     axis.set_xlabel("online round (0 = offline)")
     axis.set_ylabel("normalised score")
