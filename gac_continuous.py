@@ -280,6 +280,10 @@ def resolve_dataset_id(args: Args) -> str:
     return f"mujoco/{env_name.lower()}/{args.dataset}-v0"
 
 
+def dataset_is_local(dataset_id: str) -> bool:
+    return os.path.isdir(os.path.join(minari.storage.get_dataset_path(dataset_id), "data"))
+
+
 def dataset_hint(dataset_id: str) -> str:
     """For a missing Gym-MuJoCo dataset: the local regeneration to use instead, or the command that makes it."""
     match = re.fullmatch(
@@ -290,7 +294,7 @@ def dataset_hint(dataset_id: str) -> str:
         return ""
     level = "medium" if match[2] == "simple" else match[2]
     regenerated = f"gac-regenerated/mujoco/{env.lower()}/d4rl-{level}-v0"
-    if regenerated != dataset_id and os.path.isdir(os.path.join(minari.storage.get_dataset_path(regenerated), "data")):
+    if regenerated != dataset_id and dataset_is_local(regenerated):
         return f" A local regeneration of D4RL's {level} level (not Minari's) is there: --dataset d4rl-{level}."
     command = f"python datasets/make_dataset.py generate --env-id {env} --level {level}"
     if level == "medium-replay":  # the replay buffer of the SAC run that trained the levels
@@ -301,7 +305,7 @@ def dataset_hint(dataset_id: str) -> str:
 def local_or_downloaded(dataset_id: str) -> minari.MinariDataset:
     """minari.load_dataset(download=True), quick and quiet where there is no network: where the hub's host does not
     resolve it raises at once, instead of huggingface_hub's ~25 s of retries, each logged."""
-    local = os.path.isdir(os.path.join(minari.storage.get_dataset_path(dataset_id), "data"))
+    local = dataset_is_local(dataset_id)
     on_the_hub = os.environ.get("MINARI_REMOTE", "hf://").startswith("hf://") and not os.environ.get("HF_HUB_OFFLINE")
     if not local and on_the_hub and importlib.util.find_spec("huggingface_hub"):  # without it Minari says what to do
         from huggingface_hub import constants
@@ -323,7 +327,7 @@ def local_or_downloaded(dataset_id: str) -> minari.MinariDataset:
 def load_minari_dataset(dataset_id: str) -> minari.MinariDataset:
     """Loads a local Minari dataset, downloading it when it is not local and a network is there."""
     root = os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
-    if dataset_id.startswith("gac-regenerated/") and not os.path.isdir(os.path.join(root, dataset_id, "data")):
+    if dataset_id.startswith("gac-regenerated/") and not dataset_is_local(dataset_id):
         fail(f"{dataset_id!r} is not in {root}.{dataset_hint(dataset_id)}")
     try:
         return local_or_downloaded(dataset_id)
