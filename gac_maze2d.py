@@ -1544,7 +1544,8 @@ if __name__ == "__main__":
         run_dir = os.path.dirname(os.path.abspath(path))
         run_name = os.path.basename(run_dir)
     else:
-        run_name = f"{args.env_id}__{args.exp_name}__{args.seed}__{int(time.time())}"
+        data_name = args.dataset_id.replace("/", "-") if args.dataset_id else args.env_id  # the data it runs on
+        run_name = f"{data_name}__{args.exp_name}__{args.seed}__{int(time.time())}"
         run_dir = os.path.join("runs", run_name)
     init_path, init_checkpoint = None, None
     if args.init_from and checkpoint is None:  # a resumed --init-from run continues from its own checkpoint

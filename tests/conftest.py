@@ -9,12 +9,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from tiny_datasets import make_tiny_hopper_dataset  # noqa: E402
+from tiny_datasets import make_tiny_dataset  # noqa: E402
 
 
 @pytest.fixture(scope="session")
 def minari_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("minari")
     os.environ["MINARI_DATASETS_PATH"] = str(root)
-    make_tiny_hopper_dataset()
+    make_tiny_dataset()
     return root

@@ -9,10 +9,11 @@ import subprocess
 import sys
 import time
 
+import pytest
 import torch
 from conftest import ROOT
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tiny_datasets import TINY_HOPPER, make_tiny_hopper_dataset
+from tiny_datasets import TINY_HOPPER, make_tiny_dataset, tiny_dataset_id
 
 SCRIPT = os.path.join(ROOT, "gac_continuous.py")
 TINY_FLAGS = [
@@ -58,6 +59,26 @@ def test_end_to_end_offline_evaluation_and_one_online_round(minari_root, tmp_pat
         assert tag in tags["scalars"], tag
     assert "eval/inference_dynamics" in tags["images"]
     assert os.path.exists(os.path.join(run_dir, "inference_dynamics_20.png"))
+
+
+@pytest.mark.parametrize("env_name", ["Walker2d", "HalfCheetah", "Ant"])
+def test_the_other_environments_end_to_end(minari_root, tmp_path, env_name):
+    """Walker2d falls, HalfCheetah never does (every evaluation episode runs to the time limit, far past the data's
+    60-step episodes), Ant's observation has 105 dimensions; the run folder is named after the --dataset-id."""
+    dataset_id = tiny_dataset_id(env_name)
+    make_tiny_dataset(dataset_id, episodes=8, env_name=env_name)
+    run(TINY_FLAGS + ["--dataset-id", dataset_id, "--eval-every", "20"], cwd=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    assert os.path.basename(run_dir).startswith(f"test-{env_name.lower()}-tiny-v0__gac_continuous__1__")
+    metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
+    assert metrics["dataset_id"] == dataset_id and [e["iteration"] for e in metrics["evaluations"]] == [20, 25]
+    assert all(math.isfinite(value) for _, value in scalars(run_dir, "losses/elbo"))
+    assert scalars(run_dir, "online/buffer_trajectories") == [(21, 8 + 3)]
+    lengths = [value for _, value in scalars(run_dir, "eval/episode_length")]
+    if env_name == "HalfCheetah":
+        assert lengths == [1000.0, 1000.0]
+    else:
+        assert all(1 <= length <= 1000 for length in lengths)
 
 
 def test_same_seed_same_losses_and_episodes_with_sync_or_async_envs(minari_root, tmp_path):
@@ -150,7 +171,7 @@ def test_bad_input_gets_one_line(minari_root, tmp_path):
 
 
 def test_a_missing_minari_dataset_points_at_the_local_regeneration(minari_root, tmp_path):
-    make_tiny_hopper_dataset("gac-regenerated/mujoco/hopper/d4rl-medium-v0", episodes=2)
+    make_tiny_dataset("gac-regenerated/mujoco/hopper/d4rl-medium-v0", episodes=2)
     result = run(["--dataset", "medium"], cwd=tmp_path, check=False)
     assert result.returncode != 0 and "Traceback" not in result.stderr
     assert result.stderr.strip().endswith("is there: --dataset d4rl-medium."), result.stderr

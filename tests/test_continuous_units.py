@@ -390,9 +390,9 @@ def test_read_episodes_caches_and_notices_a_rewritten_dataset(minari_root):
     import os
 
     import minari
-    from tiny_datasets import make_tiny_hopper_dataset
+    from tiny_datasets import make_tiny_dataset
 
-    dataset = make_tiny_hopper_dataset("test/hopper/cache-v0", episodes=3, seed=0)
+    dataset = make_tiny_dataset("test/hopper/cache-v0", episodes=3, seed=0)
     fresh = gac.read_episodes(dataset, cache=False)
     first, second = gac.read_episodes(dataset), gac.read_episodes(dataset)  # writes the cache, then reads it
     for a, b, c in zip(fresh, first, second, strict=True):

@@ -1,6 +1,7 @@
 """Tiny Minari datasets built locally (no network), for the tests and for trying the scripts in seconds.
 
-python tests/tiny_datasets.py            # writes test/hopper/tiny-v0 under $MINARI_DATASETS_PATH
+python tests/tiny_datasets.py                  # writes test/hopper/tiny-v0 under $MINARI_DATASETS_PATH
+python tests/tiny_datasets.py --env-id Ant     # test/ant/tiny-v0 (episodes cut at --max-steps 60)
 """
 
 import argparse
@@ -9,15 +10,22 @@ import warnings
 TINY_HOPPER = "test/hopper/tiny-v0"
 
 
-def make_tiny_hopper_dataset(dataset_id: str = TINY_HOPPER, episodes: int = 12, seed: int = 0):
-    """Random-action Hopper-v5 episodes (a few dozen steps each), stored as a real Minari dataset with the
-    evaluation environment and reference scores."""
+def tiny_dataset_id(env_name: str) -> str:
+    return f"test/{env_name.lower()}/tiny-v0"
+
+
+def make_tiny_dataset(
+    dataset_id: str = TINY_HOPPER, episodes: int = 12, seed: int = 0, env_name: str = "Hopper", max_steps: int = 1000
+):
+    """Random-action `env_name`-v5 episodes, stored as a real Minari dataset with the evaluation environment and
+    reference scores. An episode ends where the environment ends it (Hopper's random ones fall within a few dozen
+    steps) or, truncated, after `max_steps` (HalfCheetah never falls: only a small one keeps its episodes tiny)."""
     import gymnasium as gym
     import minari
     import numpy as np
     from minari.data_collector import EpisodeBuffer
 
-    env = gym.make("Hopper-v5")
+    env = gym.make(f"{env_name}-v5")
     env.action_space.seed(seed)
     buffers = []
     for episode in range(episodes):
@@ -31,8 +39,8 @@ def make_tiny_hopper_dataset(dataset_id: str = TINY_HOPPER, episodes: int = 12, 
             actions.append(action)
             rewards.append(reward)
             terminations.append(terminated)
-            truncations.append(truncated)
-            done = terminated or truncated
+            truncations.append(truncated or len(actions) == max_steps)
+            done = terminated or truncations[-1]
         buffers.append(
             EpisodeBuffer(
                 id=episode,
@@ -55,15 +63,18 @@ def make_tiny_hopper_dataset(dataset_id: str = TINY_HOPPER, episodes: int = 12, 
             algorithm_name="random actions (test fixture)",
             ref_min_score=0.0,
             ref_max_score=100.0,
-            description="tiny random Hopper dataset for tests",
+            description=f"tiny random {env_name} dataset for tests",
         )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset-id", default=TINY_HOPPER)
+    parser.add_argument("--env-id", default="Hopper", choices=["Hopper", "Walker2d", "HalfCheetah", "Ant"])
+    parser.add_argument("--dataset-id", default=None, help="default: test/<env>/tiny-v0")
     parser.add_argument("--episodes", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-steps", type=int, default=60, help="episodes truncated after this many steps")
     options = parser.parse_args()
-    dataset = make_tiny_hopper_dataset(options.dataset_id, options.episodes, options.seed)
-    print(f"wrote {options.dataset_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps")
+    dataset_id = options.dataset_id or tiny_dataset_id(options.env_id)
+    dataset = make_tiny_dataset(dataset_id, options.episodes, options.seed, options.env_id, options.max_steps)
+    print(f"wrote {dataset_id}: {dataset.total_episodes} episodes, {dataset.total_steps} steps")
