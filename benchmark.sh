@@ -8,7 +8,7 @@
 #   ./benchmark.sh --slurm "--partition gpu --gres gpu:1 --time 01:00:00"   # one array task per job, then collect
 #   ./benchmark.sh --collect            # only collect the runs already under runs/
 #   ./benchmark.sh --out benchmark-cpu ...   # logs, table and plot there; the README block <!-- benchmark-cpu:start -->
-#   ./benchmark.sh --speed              # one Hopper run here, then where its time went and its throughput
+#   ./benchmark.sh --speed              # one Hopper run here (d4rl-medium, made if missing), then where its time went
 #   ./benchmark.sh --micro              # the hot paths alone on synthetic Hopper-size data, then a profile
 #     (env: SMALL=1 tiny sizes, COMPILE=0 no torch.compile, PARTS=act,eval,train,padding,profile, BATCH, REPS,
 #      LENGTHS=an .npz with a dataset's `lengths`, e.g. the cache gac_continuous.py writes beside it)
@@ -275,6 +275,13 @@ EOF
 }
 
 speed() {
+  local id="gac-regenerated/mujoco/hopper/d4rl-medium-v0"
+  if [[ ! -d "${MINARI_DATASETS_PATH:-$HOME/.minari/datasets}/$id/data" ]]; then  # made as the grid makes it
+    local make="python datasets/make_dataset.py generate --env-id Hopper --level medium --workers $(nproc)"
+    echo "$make"
+    $make >"$OUT/logs/prepare.log" 2>&1 || { tail -n 5 "$OUT/logs/prepare.log"; exit 1; }
+    echo "dataset made in $SECONDS s (not counted in the run's time below)"
+  fi
   local cmd="python gac_continuous.py --env-id Hopper --dataset d4rl-medium --exp-name bench-speed ${EXTRA[*]:-}"
   echo "$cmd"
   bash -c "$cmd" >"$OUT/logs/speed.log" 2>&1 || { tail -n 5 "$OUT/logs/speed.log"; exit 1; }

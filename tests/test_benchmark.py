@@ -116,3 +116,31 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
     both = (tmp_path / "README.md").read_text()
     assert both.startswith(readme) and both.count("| gac_maze2d.py |") == 2 * readme.count("| gac_maze2d.py |")
     assert (tmp_path / "benchmark-cpu" / "results.md").exists()
+
+
+def test_speed_mode_makes_its_dataset_then_says_where_the_time_went(tmp_path):
+    """--speed on a bare machine: the Hopper d4rl-medium dataset is made first (here by a stand-in for
+    make_dataset.py that writes a tiny one), then one run, then its time split and throughput."""
+    for name in ["benchmark.sh", "gac_continuous.py"]:
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    (tmp_path / "datasets").mkdir()
+    (tmp_path / "datasets" / "make_dataset.py").write_text(
+        f"import sys\nsys.path.insert(0, {os.path.join(ROOT, 'tests')!r})\n"
+        "from tiny_datasets import make_tiny_dataset\n"
+        "make_tiny_dataset('gac-regenerated/mujoco/hopper/d4rl-medium-v0', episodes=4)\n"
+    )
+    flags = ["--d-model", "32", "--n-head", "2", "--context-len", "8", "--batch-size", "8", "--num-iterations", "10",
+             "--warmup-iterations", "2", "--eval-every", "10", "--eval-episodes", "2", "--num-envs", "2",
+             "--num-candidates", "4", "--exploit-steps", "5", "--online-rounds", "0"]  # fmt: skip
+    env = os.environ | {"MINARI_DATASETS_PATH": str(tmp_path / "minari")}
+    result = subprocess.run(["bash", str(tmp_path / "benchmark.sh"), "--speed", "--", *flags], cwd=tmp_path,
+                            capture_output=True, text=True, env=env)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("python datasets/make_dataset.py generate --env-id Hopper --level medium --workers")
+    assert lines[2].startswith("python gac_continuous.py --env-id Hopper --dataset d4rl-medium --exp-name bench-speed")
+    assert any(line.startswith("whole run ") and "offline_training" in line for line in lines), result.stdout
+    assert any("M trajectory tokens/s" in line for line in lines) and any("steps/s" in line for line in lines)
+    again = subprocess.run(["bash", str(tmp_path / "benchmark.sh"), "--speed", "--", *flags], cwd=tmp_path,
+                           capture_output=True, text=True, env=env)  # fmt: skip
+    assert again.returncode == 0 and again.stdout.startswith("python gac_continuous.py")  # made once
