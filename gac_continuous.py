@@ -375,6 +375,22 @@ class StateNormalizer:
         return ((states - self.mean) / self.std).astype(np.float32)
 
 
+class ActionScaler:
+    """The environment's action box [low, high] to the model's [-1, 1], where the generator's tanh mean lives, and
+    back: a_model = (a - centre) / half_width. For the boxes of Hopper, Walker2d, HalfCheetah and Ant, [-1, 1]
+    already, both maps are the identity, bit for bit; Humanoid's [-0.4, 0.4] or InvertedPendulum's [-3, 3] need them."""
+
+    def __init__(self, space: gym.spaces.Box):
+        self.centre = ((space.high.astype(np.float64) + space.low) / 2).astype(np.float32)
+        self.half_width = ((space.high.astype(np.float64) - space.low) / 2).astype(np.float32)
+
+    def to_model(self, actions: np.ndarray) -> np.ndarray:
+        return ((actions - self.centre) / self.half_width).astype(np.float32)
+
+    def to_env(self, actions: np.ndarray) -> np.ndarray:
+        return (self.centre + self.half_width * actions).astype(np.float32)
+
+
 @dataclass
 class TrajectoryBuffer:
     """Whole trajectories, right-padded to a common length that is a multiple of the context; all on the device but
@@ -443,7 +459,9 @@ def read_episodes(
         states.append(np.asarray(episode.observations[:-1], dtype=np.float32))
         actions.append(np.asarray(episode.actions, dtype=np.float32))
         rewards.append(np.asarray(episode.rewards, dtype=np.float64))
-    if cache and states:
+    if not actions:
+        fail(f"{dataset.spec.dataset_id} holds no episode with a step")
+    if cache:
         lengths = np.array([len(a) for a in actions])
         tmp = f"{path}.{os.getpid()}.tmp.npz"  # runs sharing the dataset write their own
         np.savez(tmp, source=source, lengths=lengths, states=np.concatenate(states),
@@ -594,8 +612,7 @@ class TrajectoryGenerator(nn.Module):
         x = self.embed_dropout(self.embed_ln(tokens.flatten(1, 2)))
         for block in self.blocks:
             x = block(x, plan_tokens, owner)
-        x = self.ln_f(x).reshape(len(x), K, 2, -1)[:, :, 0]  # a_t is read from the s_t token
-        mean = torch.tanh(self.action_mean(x))
+        mean = self.action_head(self.ln_f(x).reshape(len(x), K, 2, -1)[:, :, 0])  # a_t is read from the s_t token
         if blocks is not None:
             mean = mean.new_zeros(B * n, *mean.shape[1:]).index_copy(0, blocks, mean)
         return mean.reshape(B, T, -1)
@@ -620,7 +637,13 @@ class TrajectoryGenerator(nn.Module):
         x = self.embed_dropout(self.embed_ln(tokens))
         for block, cache in zip(self.blocks, caches, strict=True):
             x = block(x, plan_tokens, cache=(cache, position, visible[:, None]))
-        return torch.tanh(self.action_mean(self.ln_f(x[:, 1])))  # a_t is read from the s_t token
+        return self.action_head(self.ln_f(x[:, 1]))  # a_t is read from the s_t token
+
+    def action_head(self, x: torch.Tensor) -> torch.Tensor:
+        """tanh(W x + b) in float32 under bf16 autocast too: bf16 would round the mean by up to 0.4 %, coarse next
+        to a trained policy's std (down to e^-5 = 0.007)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.tanh(self.action_mean(x.float()))
 
 
 class GAC(nn.Module):
@@ -651,7 +674,10 @@ class GAC(nn.Module):
         return z[:, : self.n_return_tokens], z[:, self.n_return_tokens :]
 
     def expected_return(self, return_tokens: torch.Tensor) -> torch.Tensor:
-        return self.return_head(return_tokens.flatten(1)).squeeze(-1).float()
+        """E[y | z] in float32 under bf16 autocast too: exploitation ranks candidate plans by it, and bf16 would round
+        it to steps of 0.4-0.8 points of normalised score."""
+        with torch.autocast(return_tokens.device.type, enabled=False):
+            return self.return_head(return_tokens.flatten(1).float()).squeeze(-1)
 
     def predicted_return(self, z0: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
         return self.expected_return(self.plan(z0, s0)[0])
@@ -971,8 +997,8 @@ def rollout(
     """Runs exactly `num_episodes` episodes, env i running a fixed quota of them (so short episodes are not
     over-represented), each with one plan chosen at its reset by `choose_plan(s0) -> (z0, info)`, and with
     `replan_every` a new one every that many steps, chosen the same way from the current state. Returns each
-    episode's return, length, states, actions, and plan (z0 and the info of its choice; the later plans' z0 in
-    "replans").
+    episode's return, length, states, actions (the model's, in [-1, 1]; the environment got them mapped to its
+    action box), and plan (z0 and the info of its choice; the later plans' z0 in "replans").
 
     The vector env autoresets in the same step (Gymnasium 1.x SAME_STEP mode): the observation returned with
     a done flag is the next episode's s0, and every `step` call is one real step of every env, so no step is
@@ -997,17 +1023,18 @@ def rollout(
     trajectory = [{"states": [], "actions": []} for _ in range(N)]
     episodes = {"returns_raw": [], "lengths": [], "states": [], "actions": [], "plan": []}
     current_plan = [{"z0": z0[i]} | {key: value[i] for key, value in plan_info.items()} for i in range(N)]
+    scale = ActionScaler(envs.single_action_space)
     low, high = envs.single_action_space.low, envs.single_action_space.high
 
     with ProgressBar() as progress:
         task = progress.add_task(description, total=num_episodes, info="")
         while (finished < quota).any():
             action = act(model, states, action, torch.as_tensor(t, device=device), plan_tokens, caches, autocast)
-            action_np = np.clip(action.cpu().numpy(), low, high)
+            action_np = action.cpu().numpy()  # in [-1, 1]: recorded, and the next step's a_{t-1}, as in training
             for i in range(N):
                 trajectory[i]["states"].append(states_np[i])
                 trajectory[i]["actions"].append(action_np[i])
-            obs, reward, terminated, truncated, _ = envs.step(action_np)
+            obs, reward, terminated, truncated, _ = envs.step(np.clip(scale.to_env(action_np), low, high))
             episode_return += reward
             t += 1
             states_np = normalize(obs)
@@ -1138,11 +1165,15 @@ if __name__ == "__main__":
     # ---- data ----
     dataset = load_minari_dataset(dataset_id)
     eval_env = dataset.recover_environment(eval_env=True)
-    env_spec = eval_env.spec
+    env_spec, action_space = eval_env.spec, eval_env.action_space
     eval_env.close()
     if not isinstance(dataset.observation_space, gym.spaces.Box):
         fail(f"{dataset_id} has {type(dataset.observation_space).__name__} observations; this script takes Box")
+    if not isinstance(action_space, gym.spaces.Box) or not np.isfinite([action_space.low, action_space.high]).all():
+        fail(f"{dataset_id}: actions in {action_space}; the generator's tanh mean needs a bounded Box")
     dataset_states, dataset_actions, dataset_rewards = read_episodes(dataset)
+    to_model = ActionScaler(action_space).to_model
+    dataset_actions = [to_model(a) for a in dataset_actions]  # to [-1, 1], where the generator's mean lives
     returns_raw = episode_returns(dataset_rewards)
     ref_min, ref_max, normalisation = reference_scores(dataset, returns_raw)
     normalize = StateNormalizer(np.concatenate(dataset_states))
@@ -1206,6 +1237,7 @@ if __name__ == "__main__":
         for key, value in checkpoint.get("timings", {}).items():  # the killed run's time counts too
             timings[key] += value
         counts |= checkpoint.get("counts", {})
+        logged |= checkpoint.get("logged", {})
         run_start -= checkpoint.get("elapsed_s", 0.0)
         print(f"resumed {run_dir} at iteration {iteration}, online round {start_round}")
     elif init_checkpoint is not None:
@@ -1279,6 +1311,7 @@ if __name__ == "__main__":
                 "metrics": json.dumps(metrics),
                 "timings": timings,
                 "counts": counts,
+                "logged": logged,  # the plan gains that the end of offline training reports come from it
                 "elapsed_s": time.time() - run_start,
             },
         )

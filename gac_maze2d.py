@@ -21,6 +21,7 @@ import math
 import multiprocessing
 import os
 import random
+import re
 import shlex
 import shutil
 import signal
@@ -348,6 +349,11 @@ def local_or_downloaded(dataset_id: str) -> minari.MinariDataset:
 def load_minari_dataset(dataset_id: str) -> minari.MinariDataset:
     """Loads a local Minari dataset, downloading it when it is not local and a network is there."""
     root = os.environ.get("MINARI_DATASETS_PATH", os.path.join(os.path.expanduser("~"), ".minari", "datasets"))
+    made_here = re.fullmatch(rf"{REGENERATED_NAMESPACE}/pointmaze/(\w+?)(?:-(\d+)steps)?-v2", dataset_id)
+    if made_here and not dataset_is_local(dataset_id):  # made by this script, never downloadable
+        maze, steps = made_here.groups()
+        fail(f"{dataset_id!r} is not in {root}; without --dataset-id, `python gac_maze2d.py --env-id {maze}"
+             f"{f' --dataset-steps {steps}' if steps else ''}` makes it")  # fmt: skip
     try:
         return local_or_downloaded(dataset_id)
     except Exception as error:  # no network, no huggingface_hub, unknown id: all end the same way
@@ -505,16 +511,17 @@ def find_or_regenerate(args: Args, dataset_id: str) -> tuple[minari.MinariDatase
     """The requested dataset if it is local; else a regeneration made earlier; else the download; else, loudly,
     the recipe's regeneration. A --dataset-steps other than the recipe's 1M asks for a regeneration of that size:
     no download is tried."""
-    maze = args.env_id.lower()
-    if args.dataset_id is not None or dataset_is_local(dataset_id):
+    maze, recipe_size = args.env_id.lower(), args.dataset_steps == 1_000_000
+    if args.dataset_id is not None or (recipe_size and dataset_is_local(dataset_id)):
         return load_minari_dataset(dataset_id), dataset_id
     regenerated_id = regenerated_dataset_id(maze, args.dataset_steps)
     if dataset_is_local(regenerated_id):
-        print(f"{dataset_id} is not local: using {regenerated_id}, Minari's recipe run here (--dataset-id "
-              f"{dataset_id} downloads the original)")  # fmt: skip
+        why = f"{dataset_id} is not local" if recipe_size else f"--dataset-steps {args.dataset_steps}"
+        print(f"{why}: using {regenerated_id}, Minari's recipe run here (--dataset-id {dataset_id} loads or "
+              "downloads the original)")  # fmt: skip
         return load_minari_dataset(regenerated_id), regenerated_id
     reason = f"no download tried: --dataset-steps {args.dataset_steps} asks for a regeneration"
-    if args.dataset_steps == 1_000_000:
+    if recipe_size:
         try:
             return local_or_downloaded(dataset_id), dataset_id
         except Exception as error:  # no network, no huggingface_hub: the regeneration below
@@ -587,6 +594,8 @@ def read_episodes(dataset: minari.MinariDataset, cache: bool = True) -> dict:
         final_states.append(flat[-1])
         actions.append(np.asarray(episode.actions, dtype=np.float32))
         rewards.append(np.asarray(episode.rewards, dtype=np.float64))
+    if not actions:
+        fail(f"{dataset.spec.dataset_id} holds no episode with a step")
     lengths = np.array([len(a) for a in actions])
     data = {"states": np.concatenate(states), "actions": np.concatenate(actions), "rewards": np.concatenate(rewards),
             "lengths": lengths, "reached_goal": np.array(reached_goal),
@@ -730,6 +739,22 @@ class StateNormalizer:
 
     def __call__(self, states: np.ndarray) -> np.ndarray:
         return ((states - self.mean) / self.std).astype(np.float32)
+
+
+class ActionScaler:
+    """The environment's action box [low, high] to the model's [-1, 1], where the generator's tanh mean lives, and
+    back: a_model = (a - centre) / half_width. PointMaze's box is [-1, 1] already: both maps are the identity, bit
+    for bit (they are here so that the two scripts act alike; gac_continuous.py needs them for other boxes)."""
+
+    def __init__(self, space: gym.spaces.Box):
+        self.centre = ((space.high.astype(np.float64) + space.low) / 2).astype(np.float32)
+        self.half_width = ((space.high.astype(np.float64) - space.low) / 2).astype(np.float32)
+
+    def to_model(self, actions: np.ndarray) -> np.ndarray:
+        return ((actions - self.centre) / self.half_width).astype(np.float32)
+
+    def to_env(self, actions: np.ndarray) -> np.ndarray:
+        return (self.centre + self.half_width * actions).astype(np.float32)
 
 
 @dataclass
@@ -919,8 +944,7 @@ class TrajectoryGenerator(nn.Module):
         x = self.embed_dropout(self.embed_ln(tokens.flatten(1, 2)))
         for block in self.blocks:
             x = block(x, plan_tokens, owner)
-        x = self.ln_f(x).reshape(len(x), K, 2, -1)[:, :, 0]  # a_t is read from the s_t token
-        mean = torch.tanh(self.action_mean(x))
+        mean = self.action_head(self.ln_f(x).reshape(len(x), K, 2, -1)[:, :, 0])  # a_t is read from the s_t token
         if blocks is not None:
             mean = mean.new_zeros(B * n, *mean.shape[1:]).index_copy(0, blocks, mean)
         return mean.reshape(B, T, -1)
@@ -945,7 +969,13 @@ class TrajectoryGenerator(nn.Module):
         x = self.embed_dropout(self.embed_ln(tokens))
         for block, cache in zip(self.blocks, caches, strict=True):
             x = block(x, plan_tokens, cache=(cache, position, visible[:, None]))
-        return torch.tanh(self.action_mean(self.ln_f(x[:, 1])))  # a_t is read from the s_t token
+        return self.action_head(self.ln_f(x[:, 1]))  # a_t is read from the s_t token
+
+    def action_head(self, x: torch.Tensor) -> torch.Tensor:
+        """tanh(W x + b) in float32 under bf16 autocast too: bf16 would round the mean by up to 0.4 %, coarse next
+        to a trained policy's std (down to e^-5 = 0.007)."""
+        with torch.autocast(x.device.type, enabled=False):
+            return torch.tanh(self.action_mean(x.float()))
 
 
 class GAC(nn.Module):
@@ -976,7 +1006,10 @@ class GAC(nn.Module):
         return z[:, : self.n_return_tokens], z[:, self.n_return_tokens :]
 
     def expected_return(self, return_tokens: torch.Tensor) -> torch.Tensor:
-        return self.return_head(return_tokens.flatten(1)).squeeze(-1).float()
+        """E[y | z] in float32 under bf16 autocast too: exploitation ranks candidate plans by it, and bf16 would round
+        it to steps of 0.4-0.8 points of normalised score."""
+        with torch.autocast(return_tokens.device.type, enabled=False):
+            return self.return_head(return_tokens.flatten(1).float()).squeeze(-1)
 
     def predicted_return(self, z0: torch.Tensor, s0: torch.Tensor) -> torch.Tensor:
         return self.expected_return(self.plan(z0, s0)[0])
@@ -1296,8 +1329,8 @@ def rollout(
     """Runs exactly `num_episodes` episodes, env i running a fixed quota of them (so short episodes are not
     over-represented), each with one plan chosen at its reset by `choose_plan(s0) -> (z0, info)`, and with
     `replan_every` a new one every that many steps, chosen the same way from the current state. Returns each
-    episode's return, length, states, actions, and plan (z0 and the info of its choice; the later plans' z0 in
-    "replans").
+    episode's return, length, states, actions (the model's, in [-1, 1]; the environment got them mapped to its
+    action box), and plan (z0 and the info of its choice; the later plans' z0 in "replans").
 
     The vector env autoresets in the same step (Gymnasium 1.x SAME_STEP mode): the observation returned with
     a done flag is the next episode's s0, and every `step` call is one real step of every env, so no step is
@@ -1322,17 +1355,18 @@ def rollout(
     trajectory = [{"states": [], "actions": []} for _ in range(N)]
     episodes = {"returns_raw": [], "lengths": [], "states": [], "actions": [], "plan": []}
     current_plan = [{"z0": z0[i]} | {key: value[i] for key, value in plan_info.items()} for i in range(N)]
+    scale = ActionScaler(envs.single_action_space)
     low, high = envs.single_action_space.low, envs.single_action_space.high
 
     with ProgressBar() as progress:
         task = progress.add_task(description, total=num_episodes, info="")
         while (finished < quota).any():
             action = act(model, states, action, torch.as_tensor(t, device=device), plan_tokens, caches, autocast)
-            action_np = np.clip(action.cpu().numpy(), low, high)
+            action_np = action.cpu().numpy()  # in [-1, 1]: recorded, and the next step's a_{t-1}, as in training
             for i in range(N):
                 trajectory[i]["states"].append(states_np[i])
                 trajectory[i]["actions"].append(action_np[i])
-            obs, reward, terminated, truncated, _ = envs.step(action_np)
+            obs, reward, terminated, truncated, _ = envs.step(np.clip(scale.to_env(action_np), low, high))
             episode_return += reward
             t += 1
             states_np = normalize(obs)
@@ -1572,9 +1606,10 @@ if __name__ == "__main__":
     # ---- data ----
     dataset, dataset_id, env_spec, data = load_training_data(args)
     horizon = env_spec.max_episode_steps
+    to_model = ActionScaler(dataset.action_space).to_model  # PointMaze's box is [-1, 1] already: the identity
     dataset_states, dataset_actions = (
         split_episodes(data["states"], data["lengths"]),
-        split_episodes(data["actions"], data["lengths"]),
+        split_episodes(to_model(data["actions"]), data["lengths"]),
     )
     returns_raw = data["returns"]  # y over the whole horizon, also where --hold-steps cuts the holds short
     ref_min, ref_max, normalisation = reference_scores(dataset, returns_raw)
@@ -1644,6 +1679,10 @@ if __name__ == "__main__":
         online = checkpoint["online_buffer"]
         if online["lengths"].numel():
             buffer = buffer.append(TrajectoryBuffer(**{k: v.to(device) for k, v in online.items()}))
+            # the online episodes are training routes too, as they were in the run that collected them
+            online_states = [s[:n].numpy() * state_normalizer.std + state_normalizer.mean
+                             for s, n in zip(online["states"], online["lengths"], strict=True)]  # fmt: skip
+            training_routes += "#" + routes_of(online_states)
         posterior_mu = checkpoint["posterior_mu"].to(device)
         posterior_logvar = checkpoint["posterior_logvar"].to(device)
         generator.set_state(checkpoint["generator_state"])
@@ -1656,6 +1695,7 @@ if __name__ == "__main__":
         for key, value in checkpoint.get("timings", {}).items():  # the killed run's time counts too
             timings[key] += value
         counts |= checkpoint.get("counts", {})
+        logged |= checkpoint.get("logged", {})
         run_start -= checkpoint.get("elapsed_s", 0.0)
         print(f"resumed {run_dir} at iteration {iteration}, online round {start_round}")
     elif init_checkpoint is not None:
@@ -1729,6 +1769,7 @@ if __name__ == "__main__":
                 "metrics": json.dumps(metrics),
                 "timings": timings,
                 "counts": counts,
+                "logged": logged,  # the plan gains that the end of offline training reports come from it
                 "elapsed_s": time.time() - run_start,
             },
         )

@@ -140,3 +140,21 @@ def test_a_trajectory_drawn_twice_gets_the_fit_of_its_last_row(gac, monkeypatch)
     assert len(last_row) < batch  # the batch did draw trajectories more than once
     for j, i in last_row.items():
         assert torch.all(mu[j] == i) and torch.all(logvar[j] == -i), (j, i)
+
+
+def test_action_means_and_expected_returns_stay_float32_under_bf16_autocast(gac):
+    """The GPU trains under bf16 autocast; the two heads whose outputs are compared finely (an action mean against
+    a policy std down to 0.007, candidate plans ranked by E[y | z]) run in float32 all the same."""
+    model = tiny_model(gac).eval()
+    states, actions, plan = torch.randn(2, 8, 3), torch.rand(2, 8, 2) * 2 - 1, torch.randn(2, 2, 16)
+    return_tokens = torch.randn(5, 1, 16)
+    with torch.no_grad():
+        exact_y = model.return_head(return_tokens.flatten(1)).squeeze(-1)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = model.expected_return(return_tokens)
+            mean = model.generator(states, actions, torch.arange(8).expand(2, 8), plan)
+            step = model.generator.step(states[:, 0], actions[:, 0], torch.zeros(2, dtype=torch.long), plan,
+                                        [{} for _ in model.generator.blocks])  # fmt: skip
+    assert y.dtype == mean.dtype == step.dtype == torch.float32
+    torch.testing.assert_close(y, exact_y, rtol=1e-7, atol=1e-7)  # not rounded to bf16's 8 bits
+    assert len(torch.unique(mean)) == mean.numel()  # bf16 would map nearby means to the same value

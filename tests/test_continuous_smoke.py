@@ -126,6 +126,27 @@ def test_a_killed_run_resumes_from_its_checkpoint(minari_root, tmp_path):
     assert scalars(only_run_dir(whole), "eval/return") == scalars(run_dir, "eval/return")
 
 
+def test_a_run_killed_after_its_last_offline_checkpoint_keeps_its_plan_gains(minari_root, tmp_path):
+    """The last offline checkpoint is written before the offline evaluation, and the plan gains that the end of
+    offline training reports come from the last logged losses: a resume from there must still report them."""
+    flags = TINY_FLAGS + ["--num-iterations", "20", "--checkpoint-every", "20", "--eval-every", "1000",
+                          "--eval-episodes", "60", "--save-model", "--online-rounds", "0"]  # fmt: skip
+    process = subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=tmp_path, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not (tmp_path / "runs").exists() or not os.path.exists(os.path.join(only_run_dir(tmp_path), "checkpoint.pt")):
+        assert time.time() < deadline and process.poll() is None, "no checkpoint was written"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)  # during the offline evaluation of 60 episodes
+    process.wait()
+    run_dir = only_run_dir(tmp_path)
+    metrics_path = os.path.join(run_dir, "metrics.json")
+    assert not os.path.exists(metrics_path) or "offline" not in json.load(open(metrics_path))
+    run(["--resume", run_dir], cwd=tmp_path)
+    posteriors = json.load(open(metrics_path))["local_posteriors"]
+    assert math.isfinite(posteriors["plan_gain_action_per_step"]) and math.isfinite(posteriors["plan_gain_return"])
+
+
 def test_ablations_start_from_the_offline_model_of_another_run(minari_root, tmp_path):
     run(TINY_FLAGS + ["--exp-name", "offline", "--online-rounds", "0", "--save-model"], cwd=tmp_path)
     offline_dir = only_run_dir(tmp_path)

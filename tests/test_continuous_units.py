@@ -65,6 +65,17 @@ def test_state_normaliser_standardises_and_keeps_constant_dimensions_finite():
 # ---- padding and masks ----
 
 
+def test_action_scaling_is_the_identity_on_unit_boxes_and_inverts_on_others():
+    unit = gac.ActionScaler(gym.spaces.Box(-1.0, 1.0, (3,), np.float32))
+    actions = np.array([[1e-9, -0.3, 1.0], [-1.0, -0.0, 0.7]], dtype=np.float32)
+    assert np.array_equal(unit.to_model(actions), actions) and np.array_equal(unit.to_env(actions), actions)
+    box = gac.ActionScaler(gym.spaces.Box(np.array([-0.4, 0.0], np.float32), np.array([0.4, 4.0], np.float32)))
+    assert np.allclose(box.to_env(np.array([[-1.0, -1.0], [0.0, 0.5], [1.0, 1.0]])), [[-0.4, 0], [0, 3], [0.4, 4]])
+    some = np.array([[0.1, 3.9], [-0.39, 0.2]], dtype=np.float32)
+    np.testing.assert_allclose(box.to_env(box.to_model(some)), some, rtol=1e-6)
+    assert box.to_model(some).dtype == np.float32
+
+
 def test_padding_and_mask_keep_every_step_and_nothing_more():
     states = [np.ones((3, 2)), 2 * np.ones((5, 2))]
     actions = [np.ones((3, 1)), 2 * np.ones((5, 1))]
@@ -429,13 +440,14 @@ def test_checkpoint_round_trips_with_weights_only(tmp_path):
 
 
 class CountingEnv(gym.Env):
-    """Observation = (step in episode, episodes begun so far); reward 1 per step; lengths vary with the seed."""
+    """Observation = (step in episode, episodes begun so far); reward 1 per step; lengths vary with the seed. It
+    keeps the actions it is given."""
 
     observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
-    action_space = gym.spaces.Box(-1.0, 1.0, (1,), np.float32)
 
-    def __init__(self):
-        self.episodes_begun = -1
+    def __init__(self, low=-1.0, high=1.0):
+        self.action_space = gym.spaces.Box(low, high, (1,), np.float32)
+        self.episodes_begun, self.received = -1, []
 
     def reset(self, *, seed=None, options=None):
         super().reset(seed=seed)
@@ -444,16 +456,22 @@ class CountingEnv(gym.Env):
         return np.array([self.t, self.episodes_begun], dtype=np.float32), {}
 
     def step(self, action):
+        self.received.append(float(action[0]))
         self.t += 1
         obs = np.array([self.t, self.episodes_begun], dtype=np.float32)
         return obs, 1.0, self.t >= self.length, False, {}
 
 
-def test_rollout_records_every_step_of_every_episode_once():
+@pytest.mark.parametrize("low, high", [(-1.0, 1.0), (0.0, 4.0)])
+def test_rollout_records_every_step_of_every_episode_once(low, high):
+    """... and with an action box other than [-1, 1], the model acts, and the episode records, in [-1, 1], while
+    the environment receives the actions mapped to its box."""
     model = tiny_model(obs_dim=2, act_dim=1, max_len=16).eval()
     for weight in model.generator.parameters():  # large enough that every input moves the action visibly
         torch.nn.init.normal_(weight, std=0.3)
-    envs = gym.vector.SyncVectorEnv([CountingEnv for _ in range(3)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: CountingEnv(low, high) for _ in range(3)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
+    )
 
     def choose_plan(s0):
         return torch.zeros(len(s0), 3, 16), {"s0": s0.clone()}
@@ -475,6 +493,10 @@ def test_rollout_records_every_step_of_every_episode_once():
         torch.testing.assert_close(actions[:length], expected)
     counters = sorted(float(s[0, 1]) for s in episodes["states"])
     assert counters == [0, 0, 0, 1, 1, 1, 2]  # quotas 3, 2, 2: each env's first episodes, none skipped
+    recorded = sorted(a for actions in episodes["actions"] for a in actions[:, 0].tolist())
+    received = sorted(a for env in envs.envs for a in env.received)  # the envs also began unfinished episodes
+    assert all(-1 < a < 1 for a in recorded) and len({round(a, 4) for a in recorded}) > 10
+    assert set(np.round((np.array(recorded) + 1) / 2 * (high - low) + low, 4)) <= set(np.round(received, 4))
     envs.close()
 
 

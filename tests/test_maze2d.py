@@ -235,10 +235,26 @@ def test_bad_input_gets_one_line(tmp_path):
         (["--training-return", "raw"], "--training-return must be hindsight, hold or dataset"),
         (["--sample-by", "steps"], "--sample-by must be length or uniform"),
         (["--analysis-episodes", "1"], "--analysis-episodes must be 0 (no analyses) or at least 2"),
-    ]:
-        result = subprocess.run([sys.executable, script, *flags], cwd=tmp_path, capture_output=True, text=True)
+        (["--dataset-id", "gac-regenerated/pointmaze/medium-5000steps-v2"],
+         "without --dataset-id, `python gac_maze2d.py --env-id medium --dataset-steps 5000` makes it"),  # no download
+    ]:  # fmt: skip
+        env = os.environ | {"MINARI_DATASETS_PATH": str(tmp_path)}
+        result = subprocess.run([sys.executable, script, *flags], cwd=tmp_path, capture_output=True, text=True, env=env)
         lines = result.stderr.strip().splitlines()
         assert result.returncode != 0 and len(lines) == 1 and expected in lines[0], result.stderr
+
+
+def test_dataset_steps_asks_for_the_regeneration_even_where_the_download_is_local(monkeypatch):
+    local = {"D4RL/pointmaze/umaze-v2", "gac-regenerated/pointmaze/umaze-20000steps-v2"}
+    monkeypatch.setattr(gac, "dataset_is_local", lambda dataset_id: dataset_id in local)
+    monkeypatch.setattr(gac, "load_minari_dataset", lambda dataset_id: f"<{dataset_id}>")
+    args = gac.Args(env_id="umaze", dataset_steps=20000)
+    assert gac.find_or_regenerate(args, "D4RL/pointmaze/umaze-v2")[1] == "gac-regenerated/pointmaze/umaze-20000steps-v2"
+    args = gac.Args(env_id="umaze")  # the recipe's 1M: the download, when it is there
+    assert gac.find_or_regenerate(args, "D4RL/pointmaze/umaze-v2") == (
+        "<D4RL/pointmaze/umaze-v2>",
+        "D4RL/pointmaze/umaze-v2",
+    )
 
 
 def test_a_dataset_of_another_maze_gets_one_line(tiny_maze_dataset, tmp_path):
