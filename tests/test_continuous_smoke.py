@@ -96,18 +96,23 @@ def test_same_seed_same_losses_and_episodes_with_sync_or_async_envs(minari_root,
     assert scalars(only_run_dir(other), "losses/elbo") != first
 
 
+def kill_at_the_first_checkpoint(flags, cwd) -> str:
+    """Starts the script, SIGKILLs it as soon as its first checkpoint.pt exists; returns the run folder."""
+    process = subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=cwd, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.time() + 120
+    while not (cwd / "runs").exists() or not os.path.exists(os.path.join(only_run_dir(cwd), "checkpoint.pt")):
+        assert time.time() < deadline and process.poll() is None, "no checkpoint was written"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    return only_run_dir(cwd)
+
+
 def test_a_killed_run_resumes_from_its_checkpoint(minari_root, tmp_path):
     flags = TINY_FLAGS + ["--num-iterations", "150", "--eval-every", "1000", "--checkpoint-every", "10",
                           "--save-model", "--online-rounds", "1"]  # fmt: skip
-    process = subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while not (tmp_path / "runs").exists() or not os.path.exists(os.path.join(only_run_dir(tmp_path), "checkpoint.pt")):
-        assert time.time() < deadline and process.poll() is None, "no checkpoint was written"
-        time.sleep(0.1)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    run_dir = only_run_dir(tmp_path)
+    run_dir = kill_at_the_first_checkpoint(flags, tmp_path)
     assert not os.path.exists(os.path.join(run_dir, "metrics.json")) or "online" not in json.load(
         open(os.path.join(run_dir, "metrics.json"))
     )
@@ -131,15 +136,7 @@ def test_a_run_killed_after_its_last_offline_checkpoint_keeps_its_plan_gains(min
     offline training reports come from the last logged losses: a resume from there must still report them."""
     flags = TINY_FLAGS + ["--num-iterations", "20", "--checkpoint-every", "20", "--eval-every", "1000",
                           "--eval-episodes", "60", "--save-model", "--online-rounds", "0"]  # fmt: skip
-    process = subprocess.Popen([sys.executable, SCRIPT, *flags], cwd=tmp_path, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.DEVNULL)  # fmt: skip
-    deadline = time.time() + 120
-    while not (tmp_path / "runs").exists() or not os.path.exists(os.path.join(only_run_dir(tmp_path), "checkpoint.pt")):
-        assert time.time() < deadline and process.poll() is None, "no checkpoint was written"
-        time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)  # during the offline evaluation of 60 episodes
-    process.wait()
-    run_dir = only_run_dir(tmp_path)
+    run_dir = kill_at_the_first_checkpoint(flags, tmp_path)  # during the offline evaluation of 60 episodes
     metrics_path = os.path.join(run_dir, "metrics.json")
     assert not os.path.exists(metrics_path) or "offline" not in json.load(open(metrics_path))
     run(["--resume", run_dir], cwd=tmp_path)
