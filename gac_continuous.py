@@ -378,7 +378,7 @@ class StateNormalizer:
 class ActionScaler:
     """The environment's action box [low, high] to the model's [-1, 1], where the generator's tanh mean lives, and
     back: a_model = (a - centre) / half_width. For the boxes of Hopper, Walker2d, HalfCheetah and Ant, [-1, 1]
-    already, both maps are the identity, bit for bit; Humanoid's [-0.4, 0.4] or InvertedPendulum's [-3, 3] need them."""
+    already, both maps are the identity, exactly; Humanoid's [-0.4, 0.4] or InvertedPendulum's [-3, 3] need them."""
 
     def __init__(self, space: gym.spaces.Box):
         self.centre = ((space.high.astype(np.float64) + space.low) / 2).astype(np.float32)

@@ -743,8 +743,8 @@ class StateNormalizer:
 
 class ActionScaler:
     """The environment's action box [low, high] to the model's [-1, 1], where the generator's tanh mean lives, and
-    back: a_model = (a - centre) / half_width. PointMaze's box is [-1, 1] already: both maps are the identity, bit
-    for bit (they are here so that the two scripts act alike; gac_continuous.py needs them for other boxes)."""
+    back: a_model = (a - centre) / half_width. PointMaze's box is [-1, 1] already: both maps are the identity,
+    exactly (they are here so that the two scripts act alike; gac_continuous.py needs them for other boxes)."""
 
     def __init__(self, space: gym.spaces.Box):
         self.centre = ((space.high.astype(np.float64) + space.low) / 2).astype(np.float32)
