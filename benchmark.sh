@@ -51,6 +51,7 @@ while (($#)); do
   esac
 done
 mkdir -p "$OUT/logs"
+CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc alone answers OMP_NUM_THREADS, 1 in our commands
 
 # script | --env-id and data flags (one grid row per dataset)
 GRID=(
@@ -81,7 +82,8 @@ write_jobs() {
       env=${BASH_REMATCH[1]}
       level=${BASH_REMATCH[2]}
       local id="gac-regenerated/mujoco/${env,,}/d4rl-$level-v0"
-      local make="generate --env-id $env --level $level --workers \$(nproc)"
+      # the node that runs it counts its own cores (a SLURM task); the dataset is the same for any number
+      local make="generate --env-id $env --level $level --workers \$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
       [[ $level == medium-replay ]] && make="replay --env-id $env"  # from the SAC run's replay buffer
       echo "[ -d \"\${MINARI_DATASETS_PATH:-\$HOME/.minari/datasets}/$id/data\" ] || python datasets/make_dataset.py $make" >>"$OUT/prepare.txt"
     fi
@@ -107,7 +109,7 @@ run_local() {
   local gpus i=0
   gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c GPU || true)
   if [[ -z "$JOBS" ]]; then  # one job (up to four runs at once) per GPU, or per two CPU cores without one
-    if ((gpus > 0)); then JOBS=$gpus; else JOBS=$(($(nproc) / 2 > 0 ? $(nproc) / 2 : 1)); fi
+    if ((gpus > 0)); then JOBS=$gpus; else JOBS=$((CPUS / 2 > 0 ? CPUS / 2 : 1)); fi
   fi
   echo "preparing datasets: $(wc -l <"$OUT/prepare.txt") commands"
   while IFS= read -r cmd; do bash -c "$cmd" >>"$OUT/logs/prepare.log" 2>&1 & done <"$OUT/prepare.txt"
@@ -277,7 +279,7 @@ EOF
 speed() {
   local id="gac-regenerated/mujoco/hopper/d4rl-medium-v0"
   if [[ ! -d "${MINARI_DATASETS_PATH:-$HOME/.minari/datasets}/$id/data" ]]; then  # made as the grid makes it
-    local make="python datasets/make_dataset.py generate --env-id Hopper --level medium --workers $(nproc)"
+    local make="python datasets/make_dataset.py generate --env-id Hopper --level medium --workers $CPUS"
     echo "$make"
     $make >"$OUT/logs/prepare.log" 2>&1 || { tail -n 5 "$OUT/logs/prepare.log"; exit 1; }
     echo "dataset made in $SECONDS s (not counted in the run's time below)"

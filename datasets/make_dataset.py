@@ -30,13 +30,14 @@ import numpy as np
 import torch
 import tyro
 from minari.data_collector import EpisodeBuffer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from behaviour_policy import ENVS, evaluate_policy, load_actor  # noqa: E402
 
 POLICY_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "policies")
 LEVELS = ("medium", "expert", "medium-expert")
+CHUNKS = 16  # a rollout's pieces, each with seeds of its own and on one thread: the same dataset for any --workers
 
 
 def fail(message: str):
@@ -76,7 +77,7 @@ def pick_levels(evaluated: dict[int, float], fraction: float, tolerance: float) 
     return expert, first[0] if first else min(earlier, key=lambda step: abs(earlier[step] - target))
 
 
-def collect_episodes(policy, env_name: str, steps: int, num_envs: int, seed: int, show: bool = True) -> list[dict]:
+def collect_episodes(policy, env_name: str, steps: int, num_envs: int, seed: int) -> list[dict]:
     """Whole episodes of `policy(obs) -> actions` on vectorised envs (SAME_STEP autoreset, so the final
     observation of an episode comes in info["final_obs"]), kept in the order they finish while the total stays
     within `steps`: the trailing partial episode is dropped, as in Minari's recipe."""
@@ -86,42 +87,36 @@ def collect_episodes(policy, env_name: str, steps: int, num_envs: int, seed: int
     obs, _ = envs.reset(seed=seed)  # env i starts from seed + i; its later resets follow from that seed
     running = [{"observations": [o], "actions": [], "rewards": [], "terminations": [], "truncations": []} for o in obs]
     episodes, total = [], 0
-    progress = Progress(
-        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-        TimeRemainingColumn(),
-    )  # fmt: skip
-    with progress:
-        task = progress.add_task(f"rolling out {env_name}", total=steps, visible=show)
-        while True:
-            actions = policy(obs.astype(np.float32))
-            obs, rewards, terminated, truncated, info = envs.step(actions)
-            for i in range(num_envs):
-                episode = running[i]
-                episode["actions"].append(actions[i])
-                episode["rewards"].append(rewards[i])
-                episode["terminations"].append(terminated[i])
-                episode["truncations"].append(truncated[i])
-                if terminated[i] or truncated[i]:
-                    episode["observations"].append(info["final_obs"][i])
-                    if total + len(episode["actions"]) > steps:
-                        envs.close()
-                        return episodes
-                    episodes.append({key: np.array(value) for key, value in episode.items()})
-                    total += len(episode["actions"])
-                    progress.update(task, completed=total)
-                    running[i] = {"observations": [obs[i]], "actions": [], "rewards": [], "terminations": [],
-                                  "truncations": []}  # fmt: skip
-                else:
-                    episode["observations"].append(obs[i])
+    while True:
+        actions = policy(obs.astype(np.float32))
+        obs, rewards, terminated, truncated, info = envs.step(actions)
+        for i in range(num_envs):
+            episode = running[i]
+            episode["actions"].append(actions[i])
+            episode["rewards"].append(rewards[i])
+            episode["terminations"].append(terminated[i])
+            episode["truncations"].append(truncated[i])
+            if terminated[i] or truncated[i]:
+                episode["observations"].append(info["final_obs"][i])
+                if total + len(episode["actions"]) > steps:
+                    envs.close()
+                    return episodes
+                episodes.append({key: np.array(value) for key, value in episode.items()})
+                total += len(episode["actions"])
+                running[i] = {"observations": [obs[i]], "actions": [], "rewards": [], "terminations": [],
+                              "truncations": []}  # fmt: skip
+            else:
+                episode["observations"].append(obs[i])
 
 
 def collect_chunk(task: tuple) -> list[dict]:
-    """One worker's share of a rollout: its own policy copy, seed and environments."""
+    """One chunk of a rollout: its own policy copy, seed and environments, on one thread (a matmul's sums depend on
+    its threads, and so would the episodes)."""
     path, env_name, steps, num_envs, seed = task
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     actor, _ = load_actor(path)
-    return collect_episodes(lambda o: actor.act(o, False), env_name, steps, num_envs, seed, show=False)
+    return collect_episodes(lambda o: actor.act(o, False), env_name, steps, num_envs, seed)
 
 
 def reference_returns(env_name: str, expert, seed: int, episodes: int) -> tuple[float, float]:
@@ -225,7 +220,8 @@ class Generate:
     num_envs: int = 10
     """environments per worker"""
     workers: int = 1
-    """processes that roll out a share of the steps each (seeds seed + 1000 k), each dropping its partial episode"""
+    """processes that roll out the 16 chunks of the steps (chunk k: seeds from seed + 1000 k, its trailing partial
+    episode dropped); the dataset is the same for any number"""
     seed: int = 0
     ref_episodes: int = 100
     """episodes of the random and the expert policy for the reference scores"""
@@ -317,20 +313,19 @@ def generate(args: Generate):
         actor, checkpoint = load_actor(path)
         made_from.append(f"{level} = SAC step {checkpoint['step']}")
         seed = args.seed + 100_000 * i
-        if args.workers == 1:
-            episodes += collect_episodes(lambda o, a=actor: a.act(o, False), env_name, args.steps, args.num_envs, seed)
-            continue
-        shares = [args.steps // args.workers + (k < args.steps % args.workers) for k in range(args.workers)]
+        shares = [args.steps // CHUNKS + (k < args.steps % CHUNKS) for k in range(CHUNKS)]
         tasks = [(path, env_name, share, args.num_envs, seed + 1000 * k) for k, share in enumerate(shares)]
-        with multiprocessing.get_context("spawn").Pool(args.workers) as pool:
-            print(f"rolling out {level} in {args.workers} processes")
-            for chunk in pool.map(collect_chunk, tasks):
+        progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+        with multiprocessing.get_context("spawn").Pool(args.workers) as pool, progress:
+            task = progress.add_task(f"rolling out {level}: {CHUNKS} chunks, {args.workers} process(es)", total=CHUNKS)
+            for chunk in pool.imap(collect_chunk, tasks):  # in chunk order, whatever finishes first
                 episodes += chunk
+                progress.advance(task)
     description = (
         f"Local regeneration, D4RL-style {args.level} level, by datasets/make_dataset.py: {', '.join(made_from)} "
         f"(datasets/behaviour_policy.py), {args.steps} steps per policy with stochastic actions, seeded resets "
-        f"from seed {args.seed} in {args.workers} worker(s), trailing partial episodes dropped. Not a Minari or D4RL "
-        "download."
+        f"from seed {args.seed} in {CHUNKS} chunks, each chunk's trailing partial episode dropped. Not a Minari or "
+        "D4RL download."
     )
     dataset = write_dataset(dataset_id, episodes, env_name, ref_min, ref_max, description,
                             "SAC (datasets/behaviour_policy.py)")  # fmt: skip

@@ -80,6 +80,13 @@ def test_train_select_generate_and_load_back(tmp_path, minari_root):
     env = dataset.recover_environment(eval_env=True)
     assert env.spec.id == "Hopper-v5"
     env.close()
+    for workers in ["1", "3"]:  # the rollout's chunks are the same whichever process rolls them out
+        run("make_dataset.py", "generate", "--env-id", "Hopper", "--steps", "800", "--num-envs", "2", "--workers",
+            workers, "--ref-episodes", "1", "--policy-dir", str(policies), "--dataset-id",
+            f"test/w{workers}-v0")  # fmt: skip
+    one, three = (list(minari.load_dataset(f"test/w{w}-v0").iterate_episodes()) for w in "13")
+    assert 1 < len(one) == len(three)
+    assert all(np.array_equal(a.actions, b.actions) for a, b in zip(one, three, strict=True))
 
     # medium-replay: the run's replay buffer (in state.pt) until the medium snapshot, whole episodes only
     out = run("make_dataset.py", "replay", "--env-id", "Hopper", "--ref-episodes", "2", "--policy-dir", str(policies))
