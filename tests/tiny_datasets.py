@@ -1,7 +1,7 @@
 """Tiny Minari datasets built locally (no network), for the tests and for trying the scripts in seconds.
 
 python tests/tiny_datasets.py                  # writes test/hopper/tiny-v0 under $MINARI_DATASETS_PATH
-python tests/tiny_datasets.py --env-id Ant     # test/ant/tiny-v0 (episodes cut at --max-steps 60)
+python tests/tiny_datasets.py --env-id Ant --max-steps 60   # test/ant/tiny-v0, episodes cut at 60 steps
 """
 
 import argparse
@@ -73,7 +73,7 @@ if __name__ == "__main__":
     parser.add_argument("--dataset-id", default=None, help="default: test/<env>/tiny-v0")
     parser.add_argument("--episodes", type=int, default=12)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-steps", type=int, default=60, help="episodes truncated after this many steps")
+    parser.add_argument("--max-steps", type=int, default=1000, help="episodes truncated after this many steps")
     options = parser.parse_args()
     dataset_id = options.dataset_id or tiny_dataset_id(options.env_id)
     dataset = make_tiny_dataset(dataset_id, options.episodes, options.seed, options.env_id, options.max_steps)
