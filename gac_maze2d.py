@@ -1625,6 +1625,10 @@ if __name__ == "__main__":
     goal_cells = [(r, c) for r, row in enumerate(maze.maze_map) for c, cell in enumerate(row) if cell == "g"]
     goal_cell = goal_cells[0] if goal_cells else MAZES[args.env_id.lower()][1]
 
+    def raw_states(states: list[np.ndarray]) -> list[np.ndarray]:
+        """States as the environment gave them (the buffer and a rollout keep them normalised)."""
+        return [s * state_normalizer.std + state_normalizer.mean for s in states]
+
     def routes_of(states: list[np.ndarray]) -> str:
         """The route index (route_index) of trajectories given by their raw states."""
         return route_index([cell_route(position_cells(maze, s[:, :2])) for s in states])
@@ -1680,9 +1684,8 @@ if __name__ == "__main__":
         if online["lengths"].numel():
             buffer = buffer.append(TrajectoryBuffer(**{k: v.to(device) for k, v in online.items()}))
             # the online episodes are training routes too, as they were in the run that collected them
-            online_states = [s[:n].numpy() * state_normalizer.std + state_normalizer.mean
-                             for s, n in zip(online["states"], online["lengths"], strict=True)]  # fmt: skip
-            training_routes += "#" + routes_of(online_states)
+            trajectories = [s[:n].numpy() for s, n in zip(online["states"], online["lengths"], strict=True)]
+            training_routes += "#" + routes_of(raw_states(trajectories))
         posterior_mu = checkpoint["posterior_mu"].to(device)
         posterior_logvar = checkpoint["posterior_logvar"].to(device)
         generator.set_state(checkpoint["generator_state"])
@@ -1848,13 +1851,9 @@ if __name__ == "__main__":
         )
         return result, episodes
 
-    def raw_states(episodes: dict) -> list[np.ndarray]:
-        """The episodes' states as the environment gave them (a rollout keeps them normalised)."""
-        return [s * state_normalizer.std + state_normalizer.mean for s in episodes["states"]]
-
     def analyse(label: str, episodes: dict) -> dict:
         """The paper's Maze2D claims, measured on one evaluation's episodes."""
-        found = analyse_episodes(raw_states(episodes), maze, goal_cell, training_routes)
+        found = analyse_episodes(raw_states(episodes["states"]), maze, goal_cell, training_routes)
         scores = 100 * normalize_returns(np.array(episodes["returns_raw"]), ref_min, ref_max)
         arrivals = [step for step in found["arrival_step"] if step is not None]  # of the episodes that arrived
         holds = [hold for hold in found["hold"] if hold is not None]
@@ -2022,7 +2021,7 @@ if __name__ == "__main__":
             posterior_mu = torch.cat([posterior_mu, new_mu])
             posterior_logvar = torch.cat([posterior_logvar, torch.full_like(new_mu, args.posterior_init_logvar)])
             # the routes the model now trains on: the novel-route analysis compares with these too
-            training_routes += "#" + routes_of(raw_states(episodes))
+            training_routes += "#" + routes_of(raw_states(episodes["states"]))
             timings["online_collection"] += time.time() - start
             # at the first update that trains on them: a resume from the checkpoint before them purges them
             for key, value in {
