@@ -316,6 +316,7 @@ parts = os.environ.get("PARTS", "act,eval,train,padding,profile").split(",")  # 
 device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
+torch.backends.cuda.enable_cudnn_sdp(False)  # as the scripts run (they turn cuDNN's attention off on a GPU)
 N, T = (40, 96) if small else (2000, 1000)
 reps = int(os.environ.get("REPS", 3 if small else 30))
 obs_dim, act_dim = 11, 3
@@ -348,8 +349,9 @@ def setup(**overrides):
     return args, model, buffer, opt, sched, mu, logvar, gens
 
 
-def train_speed(label, compile_model=False, wait=False, **overrides):
+def train_speed(label, compile_model=False, wait=False, cudnn_attention=False, **overrides):
     args, model, buffer, opt, sched, mu, logvar, gens = setup(**overrides)
+    torch.backends.cuda.enable_cudnn_sdp(cudnn_attention)  # True: torch's own choice on Hopper, a plan per shape
     if compile_model:
         model.generator = torch.compile(model.generator)
         model.prior = torch.compile(model.prior)
@@ -373,6 +375,7 @@ def train_speed(label, compile_model=False, wait=False, **overrides):
     dt = time.time() - t0
     print(f"train {label}: {reps / dt:.1f} updates/s, {float(tokens) / dt / 1e6:.2f} M trajectory tokens/s "
           f"(warm-up {warm:.0f} s)", flush=True)
+    torch.backends.cuda.enable_cudnn_sdp(False)
 
 
 def act_speed(num_envs=50):
@@ -491,6 +494,7 @@ if "eval" in parts:
 if "train" in parts:
     train_speed("default (batch 64, 3 inner steps, bf16)")
     train_speed("the host waiting for the device after each update", wait=True)
+    train_speed("cuDNN attention (torch's default on Hopper; every batch a new number of blocks)", cudnn_attention=True)
     train_speed("no inner steps", inner_steps=0)
     train_speed("inner steps on 8 random blocks (--inner-blocks 8)", inner_blocks=8)
     train_speed("batch 256", batch_size=256)

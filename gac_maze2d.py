@@ -1599,6 +1599,10 @@ if __name__ == "__main__":
     device = torch.device("cuda" if torch.cuda.is_available() and args.cuda else "cpu")
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high")
+        # cuDNN's attention, which recent torch prefers on Hopper GPUs, builds an execution plan for every new shape
+        # (tens of milliseconds each). A batch's number of computed blocks changes at every update, so a run spent
+        # its first minutes building plans (2 updates/s, then 13); flash attention needs no plan.
+        torch.backends.cuda.enable_cudnn_sdp(False)
 
     def autocast():
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
