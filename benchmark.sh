@@ -10,7 +10,7 @@
 #   ./benchmark.sh --out benchmark-cpu ...   # logs, table and plot there; the README block <!-- benchmark-cpu:start -->
 #   ./benchmark.sh --speed              # one Hopper run here (d4rl-medium, made if missing), then where its time went
 #   ./benchmark.sh --micro              # the hot paths alone on synthetic Hopper-size data, then a profile
-#     (env: SMALL=1 tiny sizes, COMPILE=0 no torch.compile, PARTS=act,eval,train,padding,profile, BATCH, REPS,
+#     (env: SMALL=1 tiny sizes, COMPILE=0 no torch.compile, PARTS=act,eval,train,attention,padding,profile, BATCH, REPS,
 #      LENGTHS=an .npz with a dataset's `lengths`, e.g. the cache gac_continuous.py writes beside it)
 #   ./benchmark.sh --dry-run            # print the runs of the grid
 #   ./benchmark.sh --deadline 540 ...   # stop every run 540 s after the start (SIGTERM; metrics.json is kept)
@@ -491,10 +491,11 @@ if "act" in parts:
     act_speed()
 if "eval" in parts:
     eval_speed()
-if "train" in parts:
+if "train" in parts or "attention" in parts:  # attention: only the two timings that compare the backends
     train_speed("default (batch 64, 3 inner steps, bf16)")
-    train_speed("the host waiting for the device after each update", wait=True)
     train_speed("cuDNN attention (torch's default on Hopper; every batch a new number of blocks)", cudnn_attention=True)
+if "train" in parts:
+    train_speed("the host waiting for the device after each update", wait=True)
     train_speed("no inner steps", inner_steps=0)
     train_speed("inner steps on 8 random blocks (--inner-blocks 8)", inner_blocks=8)
     train_speed("batch 256", batch_size=256)
