@@ -152,9 +152,9 @@ class Args:
     """episodes collected with exploration plans per round"""
     online_iterations: int = 1000
     """global updates on the grown buffer per round"""
-    online_fraction: float = 0.5
+    online_fraction: float = 0.1
     """share of each online-phase batch drawn from the trajectories collected online, the rest from the dataset
-    (symmetric sampling; without it a few hundred new episodes are lost among the dataset's thousands)"""
+    (several times their share of the buffer; half, as in symmetric sampling, held the model at its own level)"""
     quantile: float = 0.8
     """q: the target is y+ = quantile_q(buffer returns) + delta_y"""
     delta_y: float = 0.1
@@ -760,9 +760,11 @@ def sample_batch(
     trajectory is never drawn. A drawn trajectory brings all its steps: drawing by length makes one twice as long
     weigh four times as much in the loss, where the ELBO gives its actions twice and its return the same. Once
     the buffer holds online trajectories (indices from n_offline on), round(online_fraction * batch_size) come
-    from them."""
+    from them, at least one if online_fraction > 0."""
     weights = lengths.float() if by_length else (lengths > 0).float()
-    n_online = round(online_fraction * batch_size) if len(lengths) > n_offline else 0
+    n_online = 0
+    if len(lengths) > n_offline and online_fraction > 0:  # at least one: 0.1 of a batch of 4 is not none
+        n_online = max(round(online_fraction * batch_size), 1)
     parts = []
     if n_online < batch_size:
         parts.append(

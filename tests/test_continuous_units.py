@@ -327,6 +327,9 @@ def test_sample_batch_weights_by_length_and_gives_online_data_its_share():
     assert (idx >= 3).sum() == 2000 and (idx[:2000] < 3).all()
     assert (gac.sample_batch(lengths, 3, 10, 1.0, generator) >= 3).all()
     assert (gac.sample_batch(lengths, 3, 10, 0.0, generator) < 3).all()
+    # the default share, 0.1, of a batch of 64 is 6 rows; of a small batch it is still one, not none
+    assert (gac.sample_batch(lengths, 3, 64, 0.1, generator) >= 3).sum() == 6
+    assert (gac.sample_batch(lengths, 3, 4, 0.1, generator) >= 3).sum() == 1
     # --sample-by uniform: every non-empty trajectory equally likely
     idx = gac.sample_batch(lengths[:3], 3, 4000, 0.5, generator, by_length=False)
     assert not (idx == 1).any() and abs((idx == 2).float().mean().item() - 0.5) < 0.03
