@@ -190,8 +190,8 @@ class Args:
     """Adam steps of the variational fit of p(z0 | y+, s0)"""
     explore_lr: float = 0.05
     """Adam learning rate of that fit"""
-    num_envs: int = 10
-    """environments stepped together (evaluation and collection)"""
+    num_envs: int = 50
+    """environments stepped together at most; an evaluation or a round of fewer episodes steps one per episode"""
     async_envs: bool = False
     """step the environments in subprocesses (AsyncVectorEnv): worth it with many environments and free cores"""
     checkpoint_every: int = 1000
@@ -1784,9 +1784,16 @@ if __name__ == "__main__":
         )
 
     vector_env = gym.vector.AsyncVectorEnv if args.async_envs else gym.vector.SyncVectorEnv
-    envs = vector_env(
-        [make_env(env_spec) for _ in range(args.num_envs)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP
-    )
+    vector_envs = {}  # by size, made on first use and kept
+
+    def envs_for(num_episodes: int) -> gym.vector.VectorEnv:
+        """`--num-envs` environments, or one per episode where there are fewer: all of a round's episodes start
+        together, so exploration chooses their plans in one batched call instead of one call per reset."""
+        n = min(args.num_envs, num_episodes)
+        if n not in vector_envs:
+            make = [make_env(env_spec) for _ in range(n)]
+            vector_envs[n] = vector_env(make, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+        return vector_envs[n]
 
     def write_metrics():
         metrics["timings_s"] = timings | {"total": time.time() - run_start}
@@ -1813,7 +1820,7 @@ if __name__ == "__main__":
             return z0, {"predicted_y": trace[-1, torch.arange(len(best)), best]}
 
         episodes = rollout(
-            envs,
+            envs_for(num_episodes),
             model,
             choose_plan,
             num_episodes,
@@ -2002,7 +2009,7 @@ if __name__ == "__main__":
                 return explore_plans(model, s0, target, args, autocast, plans), {"target_y": target}
 
             episodes = rollout(
-                envs,
+                envs_for(args.episodes_per_round),
                 model,
                 choose_plan,
                 args.episodes_per_round,
@@ -2058,5 +2065,6 @@ if __name__ == "__main__":
             checkpoint_now(round_index + 1)
     finally:
         write_metrics()
-        envs.close()
+        for envs in vector_envs.values():
+            envs.close()
         writer.close()
