@@ -255,6 +255,7 @@ import matplotlib.pyplot as plt
 from matplotlib.ticker import MaxNLocator
 
 datasets = sorted({key[1] for key in rounds_by_key})
+variants = sorted({key[2] for key in rounds_by_key})  # one colour per variant in every panel
 several_machines = len({key[3] for key in rounds_by_key}) > 1
 figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.5), squeeze=False)
 for axis, dataset in zip(axes[0], datasets):
@@ -263,8 +264,9 @@ for axis, dataset in zip(axes[0], datasets):
             continue
         rounds = np.arange(scores.shape[1])
         label = f"{variant}, {machine}" if several_machines else variant
-        axis.plot(rounds, scores.mean(0), marker="o", label=label)
-        axis.fill_between(rounds, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), alpha=0.2)
+        color = f"C{variants.index(variant) % 10}"
+        axis.plot(rounds, scores.mean(0), marker="o", label=label, color=color)
+        axis.fill_between(rounds, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), alpha=0.15, color=color)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     axis.set_title(dataset, fontsize=9)
     axis.set_xlabel("online round (0 = offline)")
