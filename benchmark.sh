@@ -266,7 +266,8 @@ for axis, dataset in zip(axes[0], datasets):
         label = f"{variant}, {machine}" if several_machines else variant
         color = f"C{variants.index(variant) % 10}"
         axis.plot(rounds, scores.mean(0), marker="o", label=label, color=color)
-        axis.fill_between(rounds, scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0), alpha=0.15, color=color)
+        low, high = scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0)
+        axis.fill_between(rounds, low, high, alpha=0.15, color=color)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     axis.set_title(dataset, fontsize=9)
     axis.set_xlabel("online round (0 = offline)")
