@@ -18,3 +18,19 @@ def minari_root(tmp_path_factory):
     os.environ["MINARI_DATASETS_PATH"] = str(root)
     make_tiny_dataset()
     return root
+
+
+@pytest.fixture
+def vector_env_sizes(monkeypatch):
+    """The number of environments of every SyncVectorEnv made during the test, in order."""
+    import gymnasium as gym
+
+    sizes = []
+
+    class Recording(gym.vector.SyncVectorEnv):
+        def __init__(self, env_fns, **kwargs):
+            sizes.append(len(env_fns))
+            super().__init__(env_fns, **kwargs)
+
+    monkeypatch.setattr(gym.vector, "SyncVectorEnv", Recording)
+    return sizes

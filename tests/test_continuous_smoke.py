@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -213,24 +214,14 @@ def test_a_terminated_run_still_writes_its_metrics(minari_root, tmp_path):
     assert metrics["args"]["num_iterations"] == 100000 and metrics["command"].startswith("python gac_continuous.py")
 
 
-def test_each_rollout_steps_one_environment_per_episode_up_to_num_envs(minari_root, tmp_path, monkeypatch):
+def test_each_rollout_steps_one_environment_per_episode_up_to_num_envs(
+    minari_root, tmp_path, monkeypatch, vector_env_sizes
+):
     """With --num-envs 8, 2 evaluation episodes step 2 environments and a round's 3 exploration episodes 3, all
     starting together (the code before stepped all 8 for each, some with no episode to run)."""
-    import runpy
-
-    import gymnasium as gym
-
-    sizes = []
-
-    class Recording(gym.vector.SyncVectorEnv):
-        def __init__(self, env_fns, **kwargs):
-            sizes.append(len(env_fns))
-            super().__init__(env_fns, **kwargs)
-
-    monkeypatch.setattr(gym.vector, "SyncVectorEnv", Recording)
     monkeypatch.setattr(sys, "argv", [SCRIPT, *TINY_FLAGS, "--num-iterations", "10", "--num-envs", "8"])
     monkeypatch.chdir(tmp_path)
     runpy.run_path(SCRIPT, run_name="__main__")
-    assert sizes == [2, 3]
+    assert vector_env_sizes == [2, 3]
     metrics = json.load(open(os.path.join(only_run_dir(tmp_path), "metrics.json")))
     assert len(metrics["evaluations"]) == 2 and metrics["online"][0]["round"] == 1

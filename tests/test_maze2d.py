@@ -3,6 +3,7 @@
 import glob
 import json
 import os
+import runpy
 import subprocess
 import sys
 import tempfile
@@ -287,18 +288,11 @@ def test_hold_steps_cut_the_holds_but_keep_the_returns():
         gac.check_args(gac.Args(hold_steps=8, training_return="hindsight"))
 
 
-def test_each_rollout_steps_one_environment_per_episode_up_to_num_envs(tiny_maze_dataset, tmp_path, monkeypatch):
+def test_each_rollout_steps_one_environment_per_episode_up_to_num_envs(
+    tiny_maze_dataset, tmp_path, monkeypatch, vector_env_sizes
+):
     """With --num-envs 8, 2 evaluation episodes step 2 environments and a round's 4 exploration episodes 4, all
     starting together (the code before stepped all 8 for each, some with no episode to run)."""
-    import runpy
-
-    sizes = []
-
-    class Recording(gym.vector.SyncVectorEnv):
-        def __init__(self, env_fns, **kwargs):
-            sizes.append(len(env_fns))
-            super().__init__(env_fns, **kwargs)
-
     flags = [
         "--dataset-steps", "3000", "--d-model", "32", "--n-head", "2", "--context-len", "8", "--batch-size", "8",
         "--num-iterations", "5", "--warmup-iterations", "2", "--eval-every", "100", "--eval-episodes", "2",
@@ -306,10 +300,9 @@ def test_each_rollout_steps_one_environment_per_episode_up_to_num_envs(tiny_maze
         "--online-rounds", "1", "--episodes-per-round", "4", "--online-iterations", "2", "--analysis-episodes", "0",
     ]  # fmt: skip
     script = os.path.join(ROOT, "gac_maze2d.py")
-    monkeypatch.setattr(gym.vector, "SyncVectorEnv", Recording)
     monkeypatch.setattr(sys, "argv", [script, *flags])
     monkeypatch.chdir(tmp_path)
     runpy.run_path(script, run_name="__main__")
-    assert sizes == [2, 4]
+    assert vector_env_sizes == [2, 4]
     (run_name,) = os.listdir(tmp_path / "runs")
     assert json.load(open(tmp_path / "runs" / run_name / "metrics.json"))["online"][0]["round"] == 1
