@@ -6,7 +6,7 @@
 #   ./benchmark.sh --jobs 4 --only maze2d --seeds "1 2"   # --only: the rows that match a regular expression
 #   ./benchmark.sh -- --num-iterations 3000          # flags after -- go to every run
 #   ./benchmark.sh --slurm "--partition gpu --gres gpu:1 --time 01:00:00"   # one array task per job, then collect
-#   ./benchmark.sh --collect            # only collect the runs already under runs/
+#   ./benchmark.sh --collect            # only collect the runs whose output is in benchmark/logs (each prints its folder)
 #   ./benchmark.sh --out benchmark-cpu ...   # logs, table and plot there; the README block <!-- benchmark-cpu:start -->
 #   ./benchmark.sh --speed              # one Hopper run here (d4rl-medium, made if missing), then where its time went
 #   ./benchmark.sh --micro              # the hot paths alone on synthetic Hopper-size data, then a profile
@@ -31,6 +31,7 @@ JOBS=""
 ONLY=""
 DEADLINE=""
 MODE=local
+STAMP=$(date +%Y%m%d-%H%M%S)  # names this invocation's logs: a later grid adds logs, never overwrites
 SLURM_ARGS=""
 EXTRA=()
 while (($#)); do
@@ -87,18 +88,17 @@ write_jobs() {
       [[ $level == medium-replay ]] && make="replay --env-id $env"  # from the SAC run's replay buffer
       echo "[ -d \"\${MINARI_DATASETS_PATH:-\$HOME/.minari/datasets}/$id/data\" ] || python datasets/make_dataset.py $make" >>"$OUT/prepare.txt"
     fi
-    local env_id
-    env_id=$(sed -E 's/.*--env-id ([A-Za-z0-9]+).*/\1/' <<<"$data")
     for seed in $SEEDS; do
       local i job
       i=$(wc -l <"$OUT/jobs.txt")
       # the offline run; flags after -- come before --online-rounds 0 so that it wins
+      local log="$OUT/logs/${STAMP}_job${i}"  # the runs' output; collect finds their folders there
       job="python $script $data --seed $seed --exp-name bench-offline ${EXTRA[*]:-} --online-rounds 0 --save-model"
-      job+=" && dir=\$(ls -td runs/${env_id}__bench-offline__${seed}__* | head -n 1) && {"
+      job+=" >${log}_offline.log 2>&1 && dir=\$(sed -n 's/^run folder: //p' ${log}_offline.log) && {"
       for variant in "${!VARIANTS[@]}"; do  # every variant of the table above
         # the variant's own flags after those given after --, so that they win
         job+=" python $script $data --seed $seed --exp-name bench-$variant ${EXTRA[*]:-} ${VARIANTS[$variant]}"
-        job+=" --init-from \$dir >$OUT/logs/run_${i}_$variant.log 2>&1 &"
+        job+=" --init-from \$dir >${log}_$variant.log 2>&1 &"
       done
       echo "$job for p in \$(jobs -p); do wait \$p || s=1; done; exit \${s:-0}; }" | tr -s ' ' >>"$OUT/jobs.txt"
     done
@@ -124,7 +124,7 @@ run_local() {
       ((left > 0)) || { echo "deadline reached: job $i and later not started" >&2; break; }
       limit=(timeout "$left")
     fi
-    (env "${device[@]}" "${limit[@]}" bash -c "$cmd" >"$OUT/logs/run_$i.log" 2>&1 || echo "job $i ended early or failed (see $OUT/logs/run_${i}*.log): $cmd" >&2) &
+    (env "${device[@]}" "${limit[@]}" bash -c "$cmd" >"$OUT/logs/${STAMP}_job$i.log" 2>&1 || echo "job $i ended early or failed (see $OUT/logs/${STAMP}_job${i}_*.log): $cmd" >&2) &
     i=$((i + 1))
   done <"$OUT/jobs.txt"
   wait
@@ -153,7 +153,7 @@ EOF
 
 collect() {
   python - "$OUT" <<'EOF'
-"""Collect runs/*/metrics.json of benchmark runs into a markdown table, the README block and a plot."""
+"""Collect the metrics.json of the runs in $OUT/logs into a markdown table, the README block and a plot."""
 import glob
 import json
 import os
@@ -164,20 +164,27 @@ from collections import defaultdict
 import numpy as np
 
 out = sys.argv[1]
+# the runs of this table: those whose output is in its logs (each run prints its folder), not every run under runs/
+folders = set()
+for log in glob.glob(os.path.join(out, "logs", "*.log")):
+    with open(log, errors="replace") as f:
+        folders.update(line.removeprefix("run folder: ").strip() for line in f if line.startswith("run folder: "))
 groups = defaultdict(list)
-for path in sorted(glob.glob("runs/*/metrics.json")):
+for folder in sorted(folders):
+    path = os.path.join(folder, "metrics.json")
+    if not os.path.isfile(path):
+        continue  # killed before it wrote any
     with open(path) as f:
         metrics = json.load(f)
     args = metrics.get("args", {})
-    if not str(args.get("exp_name", "")).startswith("bench-") or args["exp_name"] == "bench-offline":
-        continue  # not a benchmark run, or the offline run the variants start from
-    if "offline" not in metrics:
-        continue
+    if args.get("exp_name") in ("bench-offline", "bench-speed") or "offline" not in metrics:
+        continue  # the offline run the variants start from, --speed's run, or no evaluation yet
     machine = metrics.get("machine", metrics.get("device", "?"))  # seeds are averaged on one kind of machine only
     key = (metrics["script"], metrics["dataset_id"], args["exp_name"].removeprefix("bench-"), machine)
     groups[key].append(metrics)
 if not groups:
-    sys.exit("benchmark.sh: error: no finished benchmark runs under runs/ (run ./benchmark.sh first)")
+    sys.exit(f"benchmark.sh: error: no finished run is named in {out}/logs/*.log (run ./benchmark.sh --out {out} "
+             f"first; a run made by hand joins this table when its output is saved there, as {out}/logs/<name>.log)")
 
 
 def mean_std(values):

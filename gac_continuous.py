@@ -208,6 +208,19 @@ def check_checkpoint(checkpoint: dict, path: str, flag: str, keys: set):
         fail(f"{flag}: {path} was written by another version of this script (it differs in {', '.join(missing)})")
 
 
+def claim_run_dir(run_dir: str) -> str:
+    """Create a new run's folder. Runs of one name started in the same second (a SLURM array, parallel jobs) would
+    share it and overwrite each other's checkpoints: the later ones get -2, -3, ... appended."""
+    for k in range(1, 1000):
+        path = run_dir if k == 1 else f"{run_dir}-{k}"
+        try:
+            os.makedirs(path)  # atomic: exactly one process creates a given folder
+            return path
+        except FileExistsError:
+            continue
+    fail(f"{run_dir}: 999 runs of this name already exist")
+
+
 def load_offline_checkpoint(init_from: str, args: Args) -> tuple[str, dict]:
     """The checkpoint an --init-from run starts from; one line if it is missing or its offline flags differ."""
     path = os.path.join(init_from, "offline.pt") if os.path.isdir(init_from) else init_from
@@ -1197,7 +1210,10 @@ if __name__ == "__main__":
         f"dataset score {100 * buffer.y.mean():.1f} +- {100 * buffer.y.std():.1f}; normalisation: {normalisation}"
     )
     timings["data_loading"] = time.time() - run_start
-    os.makedirs(run_dir, exist_ok=True)
+    if checkpoint is None:  # a new run (a resumed one writes into its own folder)
+        run_dir = claim_run_dir(run_dir)
+        run_name = os.path.basename(run_dir)
+    print(f"run folder: {run_dir}")
 
     # ---- model, optimiser, local posteriors ----
     model = GAC(obs_dim, act_dim, args, padded_len).to(device)

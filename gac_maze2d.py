@@ -226,6 +226,19 @@ def check_checkpoint(checkpoint: dict, path: str, flag: str, keys: set):
         fail(f"{flag}: {path} was written by another version of this script (it differs in {', '.join(missing)})")
 
 
+def claim_run_dir(run_dir: str) -> str:
+    """Create a new run's folder. Runs of one name started in the same second (a SLURM array, parallel jobs) would
+    share it and overwrite each other's checkpoints: the later ones get -2, -3, ... appended."""
+    for k in range(1, 1000):
+        path = run_dir if k == 1 else f"{run_dir}-{k}"
+        try:
+            os.makedirs(path)  # atomic: exactly one process creates a given folder
+            return path
+        except FileExistsError:
+            continue
+    fail(f"{run_dir}: 999 runs of this name already exist")
+
+
 def load_offline_checkpoint(init_from: str, args: Args) -> tuple[str, dict]:
     """The checkpoint an --init-from run starts from; one line if it is missing or its offline flags differ."""
     path = os.path.join(init_from, "offline.pt") if os.path.isdir(init_from) else init_from
@@ -1425,6 +1438,15 @@ def route_key(route: tuple) -> str:
     return "|" + "|".join(f"{row},{col}" for row, col in route) + "|"
 
 
+def trajectories_to_goal(data: dict) -> list[np.ndarray]:
+    """The raw states of each training trajectory, its final state s_T included where the data keep it (read_episodes):
+    an episode reaches its goal in s_T, and its route would otherwise stop a cell short of the goal's."""
+    trajectories = split_episodes(data["states"], data["lengths"])
+    if "final_states" not in data:  # --training-return hold: a held trajectory goes on from s_T
+        return trajectories
+    return [np.concatenate([s, final[None]]) for s, final in zip(trajectories, data["final_states"], strict=True)]
+
+
 def route_index(routes: list[tuple]) -> str:
     """All routes in one string, so that `route_key(r) in index` asks whether r is a contiguous piece of one of them."""
     return "#".join(route_key(route) for route in routes)
@@ -1639,7 +1661,7 @@ if __name__ == "__main__":
         """The route index (route_index) of trajectories given by their raw states."""
         return route_index([cell_route(position_cells(maze, s[:, :2])) for s in states])
 
-    training_routes = routes_of(split_episodes(data["states"], data["lengths"]))
+    training_routes = routes_of(trajectories_to_goal(data))
 
     max_len = max(env_spec.max_episode_steps or 0, max(len(a) for a in dataset_actions))
     padded_len = int(math.ceil(max_len / args.context_len) * args.context_len)
@@ -1655,7 +1677,10 @@ if __name__ == "__main__":
         f"dataset score {100 * buffer.y.mean():.1f} +- {100 * buffer.y.std():.1f}; normalisation: {normalisation}"
     )
     timings["data_loading"] = time.time() - run_start
-    os.makedirs(run_dir, exist_ok=True)
+    if checkpoint is None:  # a new run (a resumed one writes into its own folder)
+        run_dir = claim_run_dir(run_dir)
+        run_name = os.path.basename(run_dir)
+    print(f"run folder: {run_dir}")
 
     # ---- model, optimiser, local posteriors ----
     model = GAC(obs_dim, act_dim, args, padded_len).to(device)

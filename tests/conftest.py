@@ -1,6 +1,7 @@
 """Shared fixtures: tiny Minari datasets made here (no network), in a temporary MINARI_DATASETS_PATH."""
 
 import os
+import signal
 import sys
 
 import pytest
@@ -34,3 +35,11 @@ def vector_env_sizes(monkeypatch):
 
     monkeypatch.setattr(gym.vector, "SyncVectorEnv", Recording)
     return sizes
+
+
+@pytest.fixture(autouse=True)
+def restore_sigterm_handler():
+    """A script run in-process (runpy) installs its SIGTERM handler: pytest's own comes back after the test."""
+    handler = signal.getsignal(signal.SIGTERM)
+    yield
+    signal.signal(signal.SIGTERM, handler)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 
@@ -15,7 +16,11 @@ def test_dry_run_lists_every_script_dataset_variant_and_seed():
     assert len(jobs) == 4 * 3  # (Hopper medium, medium-expert, umaze, medium) x seeds 1 2 3: offline, then variants
     for job in jobs:
         offline, variants = job.split(" && dir=")
-        assert "--exp-name bench-offline" in offline and offline.endswith("--online-rounds 0 --save-model")
+        assert "--exp-name bench-offline" in offline and "--online-rounds 0 --save-model >" in offline
+        # the variants start from the folder the offline run printed, and each writes a log of its own
+        log = re.search(r">(\S+_job\d+)_offline.log 2>&1$", offline).group(1)
+        assert variants.startswith(f"$(sed -n 's/^run folder: //p' {log}_offline.log) && {{")
+        assert all(f">{log}_{variant}.log 2>&1 &" in variants for variant in ["gac", "prior", "fixed-target"])
         assert variants.count("--init-from $dir") == 4 and variants.count(" & ") == 4
         assert "--exploit-steps 0 --num-candidates 1" in variants and "--fixed-target 1.0" in variants
         assert "--exp-name bench-offline-data --online-fraction 0.0 --init-from" in variants
@@ -49,9 +54,13 @@ def fake_run(
     offline_run_s=None,
     online_rounds=2,
     machine="NVIDIA H100",
+    out="benchmark",
 ):
     run_dir = root / "runs" / name
     run_dir.mkdir(parents=True)
+    if out:  # the run's output in the table's logs: what makes it one of the table's runs
+        (root / out / "logs").mkdir(parents=True, exist_ok=True)
+        (root / out / "logs" / f"{name}.log").write_text(f"progress\nrun folder: runs/{name}\nmore progress\n")
     metrics = {
         "script": script, "dataset_id": dataset, "device": "cuda", "machine": machine,
         "command": f"python {script} --env-id umaze --seed {seed} --exp-name bench-{variant}",
@@ -85,8 +94,13 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
         tmp_path, "j", "fixed-target", 3, 90.0, [95.0], online_rounds=1, machine="CPU (2 cores)"
     )  # never averaged with the H100's
     fake_run(tmp_path, "i", "fixed-target", 2, 20.0, None)
-    (tmp_path / "runs" / "e").mkdir()
-    (tmp_path / "runs" / "e" / "metrics.json").write_text(json.dumps({"args": {"exp_name": "gac_maze2d"}}))
+    fake_run(tmp_path, "k", "gac", 3, 0.0, [0.0, 0.0], out="benchmark-cpu")  # another table's run
+    fake_run(tmp_path, "l", "gac", 4, 0.0, [0.0, 0.0], out=None)  # under runs/, in no table's logs
+    fake_run(tmp_path, "s", "speed", 1, 0.0, [0.0, 0.0])  # --speed's run shares the logs folder
+    (tmp_path / "runs" / "e").mkdir()  # killed before its first evaluation
+    (tmp_path / "runs" / "e" / "metrics.json").write_text(json.dumps({"args": {"exp_name": "bench-gac"}}))
+    (tmp_path / "benchmark" / "logs" / "e.log").write_text("run folder: runs/e\n")
+    (tmp_path / "benchmark" / "logs" / "m.log").write_text("run folder: runs/m\n")  # killed before metrics.json
     (tmp_path / "README.md").write_text("intro\n<!-- benchmark:start -->\nold\n<!-- benchmark:end -->\nrest\n")
     result = subprocess.run(["bash", str(tmp_path / "benchmark.sh"), "--collect"], cwd=tmp_path,
                             capture_output=True, text=True)  # fmt: skip
@@ -106,7 +120,8 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
     assert "| 15.0 +- 5.0 | 35.0 +- 5.0 (1 of 3 rounds) |" in readme  # round 1 of both seeds
     assert "| fixed-target | 1 2 | 15.0 +- 5.0 | - |" in readme
     assert "| fixed-target | 3 | 90.0 +- 0.0 | 95.0 +- 0.0 (1 round) |" in readme and "| CPU (2 cores) |" in readme
-    assert readme.count("| gac_maze2d.py |") == 6  # fixed-target twice (two machines); no non-benchmark run
+    assert readme.count("| gac_maze2d.py |") == 6  # fixed-target twice (two machines); no run of another table
+    assert "| speed |" not in readme
     assert (tmp_path / "benchmark" / "score_by_round.png").stat().st_size > 0
     # --out names the folder and the README block: another block, the first one untouched
     (tmp_path / "README.md").write_text(readme + "<!-- benchmark-cpu:start -->\n<!-- benchmark-cpu:end -->\n")
@@ -114,7 +129,9 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
                             cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
     both = (tmp_path / "README.md").read_text()
-    assert both.startswith(readme) and both.count("| gac_maze2d.py |") == 2 * readme.count("| gac_maze2d.py |")
+    assert both.startswith(readme)  # the first block untouched
+    (cpu_row,) = [line for line in both.removeprefix(readme).splitlines() if "| gac_maze2d.py |" in line]
+    assert "| gac | 3 | 0.0 +- 0.0 |" in cpu_row  # its own run only
     assert (tmp_path / "benchmark-cpu" / "results.md").exists()
 
 

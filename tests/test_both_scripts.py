@@ -1,6 +1,7 @@
 """The pieces that gac_continuous.py and gac_maze2d.py share line for line, each test run against both scripts."""
 
 import io
+import os
 from contextlib import nullcontext
 
 import pytest
@@ -158,3 +159,11 @@ def test_action_means_and_expected_returns_stay_float32_under_bf16_autocast(gac)
     assert y.dtype == mean.dtype == step.dtype == torch.float32
     torch.testing.assert_close(y, exact_y, rtol=1e-7, atol=1e-7)  # not rounded to bf16's 8 bits
     assert len(torch.unique(mean)) == mean.numel()  # bf16 would map nearby means to the same value
+
+
+def test_runs_started_in_one_second_get_folders_of_their_own(gac, tmp_path):
+    """Two runs of one name (a SLURM array's tasks start together) must not write into one folder."""
+    name = str(tmp_path / "runs" / "Hopper__bench-gac__1__1795782113")
+    first, second, third = (gac.claim_run_dir(name) for _ in range(3))
+    assert (first, second, third) == (name, f"{name}-2", f"{name}-3")
+    assert all(os.path.isdir(path) for path in (first, second, third))

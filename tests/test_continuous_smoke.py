@@ -68,8 +68,9 @@ def test_the_other_environments_end_to_end(minari_root, tmp_path, env_name):
     60-step episodes), Ant's observation has 105 dimensions; the run folder is named after the --dataset-id."""
     dataset_id = tiny_dataset_id(env_name)
     make_tiny_dataset(dataset_id, episodes=8, env_name=env_name)
-    run(TINY_FLAGS + ["--dataset-id", dataset_id, "--eval-every", "20"], cwd=tmp_path)
+    result = run(TINY_FLAGS + ["--dataset-id", dataset_id, "--eval-every", "20"], cwd=tmp_path)
     run_dir = only_run_dir(tmp_path)
+    assert f"run folder: runs/{os.path.basename(run_dir)}\n" in result.stdout  # how benchmark.sh finds it
     assert os.path.basename(run_dir).startswith(f"test-{env_name.lower()}-tiny-v0__gac_continuous__1__")
     metrics = json.load(open(os.path.join(run_dir, "metrics.json")))
     assert metrics["dataset_id"] == dataset_id and [e["iteration"] for e in metrics["evaluations"]] == [20, 25]

@@ -149,6 +149,22 @@ def test_holds_continue_each_episode_at_its_goal_to_the_horizon(tiny_maze_datase
         np.testing.assert_array_equal(cached[key], held[key])
 
 
+def test_training_routes_reach_the_goal_in_the_final_state(tiny_maze_dataset):
+    """An episode arrives in s_T, which the states s_0..s_{T-1} leave out: the routes that a novel route is compared
+    with must include it, or they stop short of the goal cell."""
+    data = gac.read_episodes(minari.load_dataset(tiny_maze_dataset), cache=False)
+    without = gac.split_episodes(data["states"], data["lengths"])
+    with_final = gac.trajectories_to_goal(data)
+    reached = np.flatnonzero(data["reached_goal"])
+    assert len(reached) > 10
+    for i in reached:
+        np.testing.assert_array_equal(with_final[i][:-1], without[i])
+        assert np.linalg.norm(with_final[i][-1, :2] - with_final[i][-1, 4:6]) <= gac.GOAL_RADIUS
+        assert np.linalg.norm(without[i][:, :2] - without[i][:, 4:6], axis=1).min() > gac.GOAL_RADIUS  # never there
+    held = {key: data[key] for key in ["states", "lengths"]}  # hold_at_goals' output: holds go on from s_T
+    assert all(np.array_equal(a, b) for a, b in zip(gac.trajectories_to_goal(held), without, strict=True))
+
+
 def test_path_efficiency_and_novel_routes():
     env = gac.maze_env("umaze", evaluation=True, max_episode_steps=300)
     maze = env.unwrapped.maze
@@ -198,6 +214,7 @@ def test_end_to_end_regenerates_then_reuses_the_dataset(minari_root, tmp_path):
     assert "REGENERATING it as gac-regenerated/pointmaze/umaze-3000steps-v2" in first.stdout
     (run_name,) = os.listdir(tmp_path / "runs")
     run_dir = tmp_path / "runs" / run_name
+    assert f"run folder: runs/{run_name}\n" in first.stdout  # how benchmark.sh finds it
     metrics = json.load(open(run_dir / "metrics.json"))
     assert "NaN" not in (run_dir / "metrics.json").read_text()  # strict JSON, for tools other than Python's
     offline = metrics["analysis"]["offline"]
