@@ -287,6 +287,10 @@ def check_args(args: Args):
         fail(f"--online-fraction must be in [0, 1], got {args.online_fraction}")
     if not 0.0 <= args.dropout < 1.0:
         fail(f"--dropout must be in [0, 1), got {args.dropout}")
+    if not -10.0 <= args.posterior_init_logvar <= 2.0:  # the range fit_local_posteriors keeps log sigma^2 in
+        fail(f"--posterior-init-logvar must be in [-10, 2], got {args.posterior_init_logvar}")
+    if not 0 <= args.seed < 2**32:  # numpy's and gymnasium's range
+        fail(f"--seed must be in [0, 2^32), got {args.seed}")
     if args.d_model % args.n_head:
         fail(f"--d-model ({args.d_model}) must be divisible by --n-head ({args.n_head})")
     if args.training_return not in ("hindsight", "hold", "dataset"):

@@ -291,8 +291,8 @@ def select(args: Select):
 def generate(args: Generate):
     if args.env_id not in ENVS:
         fail(f"unknown --env-id {args.env_id!r}; valid: {', '.join(ENVS)}")
-    if args.workers < 1:
-        fail(f"--workers must be at least 1, got {args.workers}")
+    if args.workers < 1 or args.steps < 1 or args.num_envs < 1:
+        fail(f"--workers, --steps and --num-envs must be at least 1, got {args.workers}, {args.steps}, {args.num_envs}")
     if args.level not in LEVELS:
         fail(f"unknown --level {args.level!r}; valid: {', '.join(LEVELS)}")
     env_name = ENVS[args.env_id]
@@ -321,6 +321,8 @@ def generate(args: Generate):
             for chunk in pool.imap(collect_chunk, tasks):  # in chunk order, whatever finishes first
                 episodes += chunk
                 progress.advance(task)
+    if not episodes:  # an empty dataset would load, and train on nothing
+        fail(f"--steps {args.steps}: no chunk of ~{args.steps // CHUNKS} steps holds a whole episode; give more steps")
     description = (
         f"Local regeneration, D4RL-style {args.level} level, by datasets/make_dataset.py: {', '.join(made_from)} "
         f"(datasets/behaviour_policy.py), {args.steps} steps per policy with stochastic actions, seeded resets "

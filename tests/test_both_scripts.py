@@ -2,6 +2,7 @@
 
 import io
 import os
+import re
 from contextlib import nullcontext
 
 import pytest
@@ -167,3 +168,15 @@ def test_runs_started_in_one_second_get_folders_of_their_own(gac, tmp_path):
     first, second, third = (gac.claim_run_dir(name) for _ in range(3))
     assert (first, second, third) == (name, f"{name}-2", f"{name}-3")
     assert all(os.path.isdir(path) for path in (first, second, third))
+
+
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [("seed", -1, "--seed must be in [0, 2^32), got -1"), ("seed", 2**32, "--seed must be in [0, 2^32)"),
+     ("posterior_init_logvar", 50.0, "--posterior-init-logvar must be in [-10, 2], got 50.0")],
+)  # fmt: skip
+def test_flags_out_of_range_get_one_line(gac, flag, value, expected):
+    """numpy's seeding raised a ValueError for a negative seed; a posterior wider than the fit's clamp ran on."""
+    with pytest.raises(SystemExit, match=re.escape(expected)):
+        gac.check_args(gac.Args(**{flag: value}))
+    gac.check_args(gac.Args())  # the defaults pass

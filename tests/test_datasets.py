@@ -106,4 +106,10 @@ def test_train_select_generate_and_load_back(tmp_path, minari_root):
                             "--env-id", "Hopper", "--level", "medium-expert", "--policy-dir", str(policies)],
                            cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
     assert again.returncode != 0 and "exists" in again.stderr and "Traceback" not in again.stderr
+    tiny = subprocess.run([sys.executable, os.path.join(ROOT, "datasets", "make_dataset.py"), "generate",
+                           "--env-id", "Hopper", "--steps", "100", "--ref-episodes", "1", "--policy-dir",
+                           str(policies), "--dataset-id", "test/tiny-steps-v0"],
+                          cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
+    assert tiny.returncode != 0 and "no chunk of ~6 steps holds a whole episode" in tiny.stderr
+    assert "test/tiny-steps-v0" not in minari.list_local_datasets()  # no empty dataset left behind
     assert np.isfinite(table["Hopper-medium"]["deterministic_return_std"])
