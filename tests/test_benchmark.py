@@ -5,6 +5,7 @@ import os
 import re
 import shutil
 import subprocess
+import time
 
 from conftest import ROOT
 
@@ -161,3 +162,65 @@ def test_speed_mode_makes_its_dataset_then_says_where_the_time_went(tmp_path):
     again = subprocess.run(["bash", str(tmp_path / "benchmark.sh"), "--speed", "--", *flags], cwd=tmp_path,
                            capture_output=True, text=True, env=env)  # fmt: skip
     assert again.returncode == 0 and again.stdout.startswith("python gac_continuous.py")  # made once
+
+
+FAKE_SCRIPT = '''"""A stand-in for gac_maze2d.py: it makes and prints a run folder as the script does."""
+import json, os, sys
+from dataclasses import dataclass
+
+import tyro
+
+
+@dataclass
+class Args:
+    env_id: str = "umaze"
+
+
+def load_training_data(args):  # what benchmark.sh's prepare step calls, once per maze
+    open("prepared.txt", "a").write(args.env_id + "\\n")
+
+
+if __name__ == "__main__":
+    argv = sys.argv[1:]
+    flag = lambda name, default=None: argv[argv.index(name) + 1] if name in argv else default
+    name, seed = flag("--exp-name"), int(flag("--seed"))
+    folder = f"runs/{flag('--env-id')}__{name}__{seed}__1795782113"
+    os.makedirs(folder)
+    print("progress ...")
+    print(f"run folder: {folder}")
+    init_from = flag("--init-from")
+    if init_from is not None:
+        assert os.path.exists(os.path.join(init_from, "offline.pt")), init_from  # the offline run's own folder
+    else:
+        open(os.path.join(folder, "offline.pt"), "w").close()
+    score = {"bench-offline": 50.0, "bench-gac": 60.0, "bench-prior": 40.0}.get(name, 55.0) + seed
+    metrics = {"script": "gac_maze2d.py", "dataset_id": "x", "machine": "CPU", "command": " ".join(sys.argv),
+               "args": {"exp_name": name, "seed": seed, "online_rounds": 1}, "offline": {"score_mean": score},
+               "online": [{"score_mean": score + 1}], "timings_s": {"total": 1.0}}
+    json.dump(metrics, open(os.path.join(folder, "metrics.json"), "w"))
+'''
+
+
+def test_a_local_grid_runs_each_job_then_collects_its_own_runs(tmp_path):
+    """benchmark.sh end to end with a stand-in script: the datasets prepared once, the offline run, the four variants
+    started from the folder it printed, logs that a second grid does not overwrite, and the table from them."""
+    shutil.copy(os.path.join(ROOT, "benchmark.sh"), tmp_path)
+    (tmp_path / "gac_maze2d.py").write_text(FAKE_SCRIPT)
+    (tmp_path / "README.md").write_text("<!-- benchmark:start -->\n<!-- benchmark:end -->\n")
+    fake_run(tmp_path, "umaze__bench-gac__9__1", "gac", 9, 0.0, [0.0], out=None)  # an older run, in no grid's logs
+    grid = ["bash", str(tmp_path / "benchmark.sh"), "--only", "umaze", "--seeds", "1 2", "--jobs", "2"]
+    result = subprocess.run(grid, cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "prepared.txt").read_text() == "umaze\n"
+    readme = (tmp_path / "README.md").read_text()
+    row = next(line for line in readme.splitlines() if "| gac |" in line)
+    assert "| 1 2 | 61.5 +- 0.5 | 62.5 +- 0.5 (1 round) |" in row  # seeds 1 and 2 only, not the older seed 9
+    assert readme.count("| gac_maze2d.py |") == 4  # gac, prior, fixed-target, offline-data
+    logs = sorted(os.listdir(tmp_path / "benchmark" / "logs"))
+    assert sum(log.endswith("_offline.log") for log in logs) == 2 and sum(log.endswith("_gac.log") for log in logs) == 2
+    time.sleep(1)  # the next grid's logs are named by another second
+    result = subprocess.run(grid[:-4] + ["--seeds", "3"], cwd=tmp_path, capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert set(logs) < set(os.listdir(tmp_path / "benchmark" / "logs"))  # added to, never overwritten
+    row = next(line for line in (tmp_path / "README.md").read_text().splitlines() if "| gac |" in line)
+    assert "| 1 2 3 | 62.0 +- 0.8 |" in row
