@@ -328,6 +328,7 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 torch.backends.cuda.enable_cudnn_sdp(False)  # as the scripts run (they turn cuDNN's attention off on a GPU)
 N, T = (40, 96) if small else (2000, 1000)
+SMALL_MODEL = dict(d_model=32, n_layer=1, n_head=2, batch_size=8) if small else {}  # SMALL=1: seconds on a CPU
 reps = int(os.environ.get("REPS", 3 if small else 30))
 obs_dim, act_dim = 11, 3
 print(device, torch.cuda.get_device_name() if device.type == "cuda" else "", torch.__version__, flush=True)
@@ -338,7 +339,7 @@ def autocast():
 
 
 def setup(**overrides):
-    args = g.Args(**overrides)
+    args = g.Args(**(SMALL_MODEL | overrides))
     padded = ((T + args.context_len - 1) // args.context_len) * args.context_len
     torch.manual_seed(0)
     model = g.GAC(obs_dim, act_dim, args, padded).to(device)
@@ -383,7 +384,7 @@ def train_speed(label, compile_model=False, wait=False, cudnn_attention=False, *
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0
-    print(f"train {label}: {reps / dt:.1f} updates/s, {float(tokens) / dt / 1e6:.2f} M trajectory tokens/s "
+    print(f"train {label}, batch {args.batch_size}: {reps / dt:.1f} updates/s, {float(tokens) / dt / 1e6:.2f} M trajectory tokens/s "
           f"(warm-up {warm:.0f} s)", flush=True)
     torch.backends.cuda.enable_cudnn_sdp(False)
 
@@ -444,7 +445,7 @@ def eval_speed(num_envs=4 if small else 50):
               f"{sum(episodes['lengths']) / dt:.0f} environment steps/s with the model acting", flush=True)  # fmt: skip
 
 
-def padding_speed(batch=int(os.environ.get("BATCH", "64"))):
+def padding_speed(batch=int(os.environ.get("BATCH", "8" if small else "64"))):
     """One forward-backward pass of the likelihoods on batches drawn by length, every block computed or only the
     blocks that hold steps (what train_iteration does)."""
     args, model, buffer, *_ = setup()
@@ -502,13 +503,14 @@ if "act" in parts:
 if "eval" in parts:
     eval_speed()
 if "train" in parts or "attention" in parts:  # attention: only the two timings that compare the backends
-    train_speed("default (batch 64, 3 inner steps, bf16)")
+    train_speed("default (3 inner steps, bf16 on a GPU)")
     train_speed("cuDNN attention (torch's default on Hopper; every batch a new number of blocks)", cudnn_attention=True)
 if "train" in parts:
     train_speed("the host waiting for the device after each update", wait=True)
     train_speed("no inner steps", inner_steps=0)
+    train_speed("one inner step (--inner-steps 1)", inner_steps=1)
     train_speed("inner steps on 8 random blocks (--inner-blocks 8)", inner_blocks=8)
-    train_speed("batch 256", batch_size=256)
+    train_speed("a larger batch", batch_size=256)
     if os.environ.get("COMPILE", "1") == "1":
         train_speed("torch.compile", compile_model=True)
 if "padding" in parts:

@@ -224,3 +224,16 @@ def test_a_local_grid_runs_each_job_then_collects_its_own_runs(tmp_path):
     assert set(logs) < set(os.listdir(tmp_path / "benchmark" / "logs"))  # added to, never overwritten
     row = next(line for line in (tmp_path / "README.md").read_text().splitlines() if "| gac |" in line)
     assert "| 1 2 3 | 62.0 +- 0.8 |" in row
+
+
+def test_micro_mode_times_every_part_at_small_size():
+    """`./benchmark.sh --micro` runs only where a GPU session's minutes are scarce: it must not break unseen."""
+    env = os.environ | {"SMALL": "1", "COMPILE": "0", "REPS": "1", "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(["bash", os.path.join(ROOT, "benchmark.sh"), "--micro"], capture_output=True, text=True,
+                            env=env, cwd=ROOT)  # fmt: skip
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    for expected in ["act 50 envs:", "exploit_plans 50 states", "SyncVectorEnv:", "AsyncVectorEnv:",
+                     "train default (3 inner steps, bf16 on a GPU), batch 8:", "train one inner step (--inner-steps 1)",
+                     "train cuDNN attention", "forward-backward, batch 8, only the blocks that hold steps:",
+                     "the operators of 1 updates"]:  # fmt: skip
+        assert expected in result.stdout, expected
