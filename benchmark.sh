@@ -6,7 +6,7 @@
 #   ./benchmark.sh --jobs 4 --only maze2d --seeds "1 2"   # --only: the rows that match a regular expression
 #   ./benchmark.sh -- --num-iterations 3000          # flags after -- go to every run
 #   ./benchmark.sh --slurm "--partition gpu --gres gpu:1 --time 01:00:00"   # one array task per job, then collect
-#   ./benchmark.sh --collect            # only collect the runs whose output is in benchmark/logs (each prints its folder)
+#   ./benchmark.sh --collect            # collect again the runs named in benchmark/logs (each run prints its folder)
 #   ./benchmark.sh --out benchmark-cpu ...   # logs, table and plot there; the README block <!-- benchmark-cpu:start -->
 #   ./benchmark.sh --speed              # one Hopper run here (d4rl-medium, made if missing), then where its time went
 #   ./benchmark.sh --micro              # the hot paths alone on synthetic Hopper-size data, then a profile
@@ -384,8 +384,8 @@ def train_speed(label, compile_model=False, wait=False, cudnn_attention=False, *
     if device.type == "cuda":
         torch.cuda.synchronize()
     dt = time.time() - t0
-    print(f"train {label}, batch {args.batch_size}: {reps / dt:.1f} updates/s, {float(tokens) / dt / 1e6:.2f} M trajectory tokens/s "
-          f"(warm-up {warm:.0f} s)", flush=True)
+    print(f"train {label}, batch {args.batch_size}: {reps / dt:.1f} updates/s, "
+          f"{float(tokens) / dt / 1e6:.2f} M trajectory tokens/s (warm-up {warm:.0f} s)", flush=True)
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
