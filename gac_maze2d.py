@@ -1348,8 +1348,9 @@ def rollout(
     """Runs exactly `num_episodes` episodes, env i running a fixed quota of them (so short episodes are not
     over-represented), each with one plan chosen at its reset by `choose_plan(s0) -> (z0, info)`, and with
     `replan_every` a new one every that many steps, chosen the same way from the current state. Returns each
-    episode's return, length, states, actions (the model's, in [-1, 1]; the environment got them mapped to its
-    action box), and plan (z0 and the info of its choice; the later plans' z0 in "replans").
+    episode's return, length, states s_0..s_{T-1}, final state s_T (the analyses' last position: it scores too),
+    actions (the model's, in [-1, 1]; the environment got them mapped to its action box), and plan (z0 and the info
+    of its choice; the later plans' z0 in "replans").
 
     The vector env autoresets in the same step (Gymnasium 1.x SAME_STEP mode): the observation returned with
     a done flag is the next episode's s0, and every `step` call is one real step of every env, so no step is
@@ -1372,7 +1373,7 @@ def rollout(
     t = np.zeros(N, dtype=int)
     episode_return = np.zeros(N)
     trajectory = [{"states": [], "actions": []} for _ in range(N)]
-    episodes = {"returns_raw": [], "lengths": [], "states": [], "actions": [], "plan": []}
+    episodes = {"returns_raw": [], "lengths": [], "states": [], "final_states": [], "actions": [], "plan": []}
     current_plan = [{"z0": z0[i]} | {key: value[i] for key, value in plan_info.items()} for i in range(N)]
     scale = ActionScaler(envs.single_action_space)
     low, high = envs.single_action_space.low, envs.single_action_space.high
@@ -1385,7 +1386,7 @@ def rollout(
             for i in range(N):
                 trajectory[i]["states"].append(states_np[i])
                 trajectory[i]["actions"].append(action_np[i])
-            obs, reward, terminated, truncated, _ = envs.step(np.clip(scale.to_env(action_np), low, high))
+            obs, reward, terminated, truncated, info = envs.step(np.clip(scale.to_env(action_np), low, high))
             episode_return += reward
             t += 1
             states_np = normalize(obs)
@@ -1396,6 +1397,7 @@ def rollout(
                     episodes["returns_raw"].append(episode_return[i])
                     episodes["lengths"].append(t[i])
                     episodes["states"].append(np.stack(trajectory[i]["states"]))
+                    episodes["final_states"].append(normalize(info["final_obs"][i]))  # s_T, before the autoreset
                     episodes["actions"].append(np.stack(trajectory[i]["actions"]))
                     episodes["plan"].append(current_plan[i])
                     finished[i] += 1
@@ -1457,10 +1459,11 @@ def route_index(routes: list[tuple]) -> str:
 
 
 def analyse_episodes(states: list[np.ndarray], maze, goal_cell: tuple, training_routes: str) -> dict:
-    """Per evaluation episode (raw states [T, 6]): start cell, success (the goal radius reached), path efficiency
-    (BFS cell moves from start to goal cell / cell moves the agent made until it first arrived; 0 if it never did),
-    whether its route until arrival occurs in no training trajectory, the step of the first arrival, and the share
-    of the steps from then on spent within the goal radius (the evaluation rewards staying; the data never show it).
+    """Per evaluation episode (raw states s_0..s_T [T + 1, 6]): start cell, success (the goal radius reached), path
+    efficiency (BFS cell moves from start to goal cell / cell moves the agent made until it first arrived; 0 if it
+    never did), whether its route until arrival occurs in no training trajectory, the step of the first arrival, and
+    the share of the states from then on within the goal radius (the evaluation rewards staying; the data never show
+    it).
 
     The agent's moves count a corner cut between diagonal cells as the two moves it stands for, plus the BFS
     moves left when it arrives from a neighbouring cell (the goal radius reaches over the cell border), so the
@@ -1895,7 +1898,9 @@ if __name__ == "__main__":
 
     def analyse(label: str, episodes: dict) -> dict:
         """The paper's Maze2D claims, measured on one evaluation's episodes."""
-        found = analyse_episodes(raw_states(episodes["states"]), maze, goal_cell, training_routes)
+        paired = zip(episodes["states"], episodes["final_states"], strict=True)
+        raw = raw_states([np.concatenate([s, final[None]]) for s, final in paired])  # s_0..s_T: s_T scores too
+        found = analyse_episodes(raw, maze, goal_cell, training_routes)
         scores = 100 * normalize_returns(np.array(episodes["returns_raw"]), ref_min, ref_max)
         arrivals = [step for step in found["arrival_step"] if step is not None]  # of the episodes that arrived
         holds = [hold for hold in found["hold"] if hold is not None]

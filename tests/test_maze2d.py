@@ -1,5 +1,6 @@
 """gac_maze2d.py: flattening, BFS, the waypoint controller, regeneration, training returns, analyses, end to end."""
 
+import contextlib
 import glob
 import json
 import os
@@ -323,3 +324,42 @@ def test_each_rollout_steps_one_environment_per_episode_up_to_num_envs(
     assert vector_env_sizes == [2, 4]
     (run_name,) = os.listdir(tmp_path / "runs")
     assert json.load(open(tmp_path / "runs" / run_name / "metrics.json"))["online"][0]["round"] == 1
+
+
+class RecordFinalObservation(gym.Wrapper):
+    """Keeps the flattened observation of every step that ends an episode."""
+
+    def __init__(self, env):
+        super().__init__(env)
+        self.finals = []
+
+    def step(self, action):
+        obs, reward, terminated, truncated, info = self.env.step(action)
+        if terminated or truncated:
+            self.finals.append(gac.flatten_observation(obs))
+        return obs, reward, terminated, truncated, info
+
+
+def test_rollout_keeps_each_episodes_final_state_for_the_analyses():
+    """The evaluation rewards s_1..s_T, so the analyses read s_T too: rollout returns it, from the vector env's
+    final_obs (SAME_STEP autoreset: the observation returned with the done flag is already the next s0)."""
+    torch.manual_seed(0)
+    args = gac.Args(d_model=16, n_layer=1, n_head=1, prior_layers=1, n_latent=2, context_len=4)
+    model = gac.GAC(6, 2, args, 8).eval()
+    envs = gym.vector.SyncVectorEnv(
+        [lambda: RecordFinalObservation(gac.maze_env("umaze", True, 6)) for _ in range(2)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,
+    )
+
+    def choose_plan(s0):
+        return torch.randn(len(s0), 2, 16), {}
+
+    episodes = gac.rollout(envs, model, choose_plan, 4, gac.flatten_observation, 0, contextlib.nullcontext, "t")
+    assert episodes["lengths"] == [6, 6, 6, 6] and len(episodes["final_states"]) == 4
+    # episodes finish env 0, env 1, env 0, env 1 (all of one length): each final state is its env's last observation
+    expected = [envs.envs[i % 2].finals[i // 2] for i in range(4)]
+    np.testing.assert_array_equal(np.stack(episodes["final_states"]), np.stack(expected))
+    for states, final in zip(episodes["states"], episodes["final_states"], strict=True):
+        assert not np.array_equal(states[-1], final)  # s_T is not s_{T-1}: the point moved
+        assert np.array_equal(final[4:], states[0, 4:])  # the same fixed goal
+    envs.close()
