@@ -154,10 +154,13 @@ EOF
 collect() {
   python - "$OUT" <<'EOF'
 """Collect the metrics.json of the runs in $OUT/logs into a markdown table, the README block and a plot."""
+import dataclasses
 import glob
+import importlib
 import json
 import os
 import re
+import shlex
 import sys
 from collections import defaultdict
 
@@ -185,6 +188,28 @@ for folder in sorted(folders):
 if not groups:
     sys.exit(f"benchmark.sh: error: no finished run is named in {out}/logs/*.log (run ./benchmark.sh --out {out} "
              f"first; a run made by hand joins this table when its output is saved there, as {out}/logs/<name>.log)")
+
+
+def changed_defaults(script, command, args, offline_only=False):
+    """The flags whose value in this run is a default that has changed since (the run's command left them out):
+    appended, so that the command beside a row repeats its runs whatever the defaults are now. `offline_only`: only
+    the flags of offline training (an --init-from run's args also hold its own inference and online flags)."""
+    module = importlib.import_module(script.removesuffix(".py"))
+    pinned = []
+    for field in dataclasses.fields(module.Args):
+        name, flag = field.name, "--" + field.name.replace("_", "-")
+        if name not in args or args[name] == field.default or name in ("resume", "init_from"):
+            continue
+        if offline_only and name in module.AFTER_OFFLINE_FLAGS:
+            continue
+        if re.search(rf"(^| )--(no-)?{flag[2:]}([ =]|$)", command):
+            continue  # given in the command
+        value = args[name]
+        if isinstance(value, bool):
+            pinned.append(flag if value else "--no-" + flag[2:])
+        else:
+            pinned.append(f"{flag} {'None' if value is None else shlex.quote(str(value))}")
+    return "".join(" " + p for p in pinned)
 
 
 def mean_std(values):
@@ -225,9 +250,11 @@ for (script, dataset, variant, machine), runs in sorted(groups.items()):
                  f"| {after} | {posterior} | {np.mean(wall):.0f} s | {machine} |")
     command = re.sub(r"--seed \d+", "--seed <seed>", runs[0].get("command", ""))
     command = re.sub(r"--init-from \S+", "--init-from <offline run>", command)
+    command += changed_defaults(script, command, runs[0]["args"])
     offline_command = runs[0].get("init_from", {}).get("command")
     if offline_command:
         offline_command = re.sub(r"--seed \d+", "--seed <seed>", offline_command)
+        offline_command += changed_defaults(script, offline_command, runs[0]["args"], offline_only=True)
         command = f"{offline_command}`, then `{command}"
     commands.append(f"- {script}, {dataset}, {variant}, {machine}: `{command}`")
 note = ("Wall time per run: the offline run the four variants share (data, offline training, its evaluation), "

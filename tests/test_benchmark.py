@@ -56,6 +56,7 @@ def fake_run(
     online_rounds=2,
     machine="NVIDIA H100",
     out="benchmark",
+    args=None,
 ):
     run_dir = root / "runs" / name
     run_dir.mkdir(parents=True)
@@ -65,7 +66,7 @@ def fake_run(
     metrics = {
         "script": script, "dataset_id": dataset, "device": "cuda", "machine": machine,
         "command": f"python {script} --env-id umaze --seed {seed} --exp-name bench-{variant}",
-        "args": {"exp_name": f"bench-{variant}", "seed": seed, "online_rounds": online_rounds},
+        "args": {"exp_name": f"bench-{variant}", "seed": seed, "online_rounds": online_rounds} | (args or {}),
         "offline": {"score_mean": offline}, "online": [{"score_mean": s} for s in online or []],
         "timings_s": {"total": 100.0 * seed},
         "local_posteriors": {"std": 0.5 + 0.2 * seed, "active_dims": 100 * seed, "dims": 512,
@@ -81,8 +82,11 @@ def fake_run(
 
 
 def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
-    shutil.copy(os.path.join(ROOT, "benchmark.sh"), tmp_path)
-    fake_run(tmp_path, "a", "gac", 1, 40.0, [50.0, 60.0], offline_run_s=50.0)
+    for name in ("benchmark.sh", "gac_maze2d.py"):  # the script's flags and defaults: for the commands
+        shutil.copy(os.path.join(ROOT, name), tmp_path)
+    # ran with a default that has changed since (its command did not say it): the commands below must
+    before = {"posterior_lr": 0.05, "online_fraction": 0.5, "cuda": False, "fixed_target": None, "save_model": True}
+    fake_run(tmp_path, "a", "gac", 1, 40.0, [50.0, 60.0], offline_run_s=50.0, args=before)
     fake_run(tmp_path, "b", "gac", 2, 60.0, [70.0, 80.0], offline_run_s=50.0)
     fake_run(tmp_path, "o", "offline", 1, 45.0, [])  # what the variants start from: not a row
     fake_run(tmp_path, "c", "prior", 1, 10.0, [20.0, 30.0])
@@ -113,9 +117,11 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
     assert "| 1 2 |" in gac_row and "| 50.0 +- 10.0 |" in gac_row and "| 70.0 +- 10.0 (2 rounds) |" in gac_row
     assert "| 0.80, 150 of 512, 0.015 nats/step |" in gac_row  # the seeds' means: posterior std, active dims, gain
     assert "| 200 s |" in gac_row and "NVIDIA H100" in gac_row  # the shared offline run's 50 s included
+    # flags given are not repeated (--seed, --exp-name); the offline run's command gets only the offline flags
     assert (
-        "--seed <seed> --exp-name bench-offline`, then `python gac_maze2d.py --env-id umaze --seed <seed> "
-        "--exp-name bench-gac --init-from <offline run>`" in readme
+        "--seed <seed> --exp-name bench-offline --posterior-lr 0.05`, then `python gac_maze2d.py --env-id umaze "
+        "--seed <seed> --exp-name bench-gac --init-from <offline run> --no-cuda --save-model --posterior-lr 0.05 "
+        "--online-rounds 2 --online-fraction 0.5`" in readme
     )
     assert "| offline |" not in readme
     assert "| 15.0 +- 5.0 | 35.0 +- 5.0 (1 of 3 rounds) |" in readme  # round 1 of both seeds
