@@ -239,7 +239,7 @@ def test_micro_mode_times_every_part_at_small_size():
                             env=env, cwd=ROOT)  # fmt: skip
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     for expected in ["act 50 envs:", "exploit_plans 50 states", "SyncVectorEnv:", "AsyncVectorEnv:",
-                     "train default (3 inner steps, bf16 on a GPU), batch 8:", "train one inner step (--inner-steps 1)",
+                     "train default (1 inner step, bf16 on a GPU), batch 8:", "train three inner steps",
                      "train cuDNN attention", "forward-backward, batch 8, only the blocks that hold steps:",
                      "the operators of 1 updates"]:  # fmt: skip
         assert expected in result.stdout, expected
