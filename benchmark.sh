@@ -13,6 +13,8 @@
 #     (env: SMALL=1 tiny sizes, COMPILE=0 no torch.compile, PARTS=act,eval,train,attention,padding,profile, BATCH, REPS,
 #      LENGTHS=an .npz with a dataset's `lengths`, e.g. the cache gac_continuous.py writes beside it)
 #   ./benchmark.sh --dry-run            # print the runs of the grid
+#   ./benchmark.sh --fit <dataset-id> -- runs/<a> runs/<b>   # how well gac_continuous.py runs' offline models
+#     fit trajectories of that dataset, all with one and the same inference (env: FIT_TRAJECTORIES, default 256)
 #   ./benchmark.sh --deadline 540 ...   # stop every run 540 s after the start (SIGTERM; metrics.json is kept)
 #
 # Variants, side by side on the same data and budget: gac (exploitation by ascent on the plan, dynamic target
@@ -43,11 +45,12 @@ while (($#)); do
     --collect) MODE=collect; shift ;;
     --speed) MODE=speed; shift ;;
     --micro) MODE=micro; shift ;;
+    --fit) MODE=fit; FIT_DATA=$2; shift 2 ;;
     --dry-run) MODE=dry; shift ;;
     --out) OUT=$2; shift 2 ;;
     --deadline) DEADLINE=$2; shift 2 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h | --help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "benchmark.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -547,6 +550,88 @@ if "profile" in parts:
 EOF
 }
 
+fit() {
+  ((${#EXTRA[@]})) || { echo "benchmark.sh: error: --fit <dataset-id> -- <run folders or offline.pt files>" >&2; exit 2; }
+  OMP_NUM_THREADS=1 python - "$FIT_DATA" "${EXTRA[@]}" <<'EOF'
+"""Held-out fit: the ELBO of offline models (gac_continuous.py --save-model) on trajectories of a dataset, each model
+with one and the same inference, so that training settings compare by the models they leave, not by their own
+inner steps (a run's logged ELBO is measured after its inner steps on that very batch)."""
+import dataclasses
+import math
+import os
+import sys
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.getcwd())
+import gac_continuous as g
+
+torch.set_num_threads(1)  # a matmul's sums depend on its threads: one thread, the same figures on any CPU
+dataset_id, paths = sys.argv[1], sys.argv[2:]
+n_trajectories = int(os.environ.get("FIT_TRAJECTORIES", 256))
+steps, lr, noise_every, draws = 40, 0.05, 10, 8
+
+
+def episodes(dataset):
+    env = dataset.recover_environment(eval_env=True)
+    scale = g.ActionScaler(env.action_space)
+    env.close()
+    states, actions, rewards = g.read_episodes(dataset)
+    return states, [scale.to_model(a) for a in actions], g.episode_returns(rewards)
+
+
+test = g.load_minari_dataset(dataset_id)
+states, actions, returns_raw = episodes(test)
+ref_min, ref_max, _ = g.reference_scores(test, returns_raw)
+pick = np.random.default_rng(0).choice(len(states), min(n_trajectories, len(states)), replace=False)
+print(f"{dataset_id}: {len(pick)} of its {len(states)} trajectories (drawn with seed 0); per trajectory {steps} Adam "
+      f"steps of {lr} on q(z0) from N(0, I), fresh noise every {noise_every}, no free bits; ELBO over {draws} draws")
+for path in paths:
+    path = os.path.join(path, "offline.pt") if os.path.isdir(path) else path
+    if not os.path.isfile(path):
+        sys.exit(f"benchmark.sh: error: no {path} (a run with --save-model writes offline.pt)")
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    if set(checkpoint["args"]) - {f.name for f in dataclasses.fields(g.Args)}:
+        sys.exit(f"benchmark.sh: error: {path} is not a gac_continuous.py model")
+    args = g.Args(**checkpoint["args"])
+    train_states, _, _ = episodes(g.load_minari_dataset(g.resolve_dataset_id(args)))
+    normalize = g.StateNormalizer(np.concatenate(train_states))  # as the model was trained
+    max_len = checkpoint["model"]["generator.embed_timestep.weight"].shape[0]
+    model = g.GAC(states[0].shape[1], actions[0].shape[1], args, max_len)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    K = args.context_len
+    T = int(math.ceil(max(len(actions[i]) for i in pick) / K) * K)
+    s, a, lengths = g.pad_trajectories([normalize(states[i]) for i in pick], [actions[i] for i in pick], T,
+                                       torch.device("cpu"))  # fmt: skip
+    y = torch.as_tensor(g.normalize_returns(returns_raw[pick], ref_min, ref_max), dtype=torch.float32)
+    mask, timesteps = g.valid_mask(lengths, T), torch.arange(T).expand(len(pick), T)
+    blocks = (torch.arange(T // K) < (lengths[:, None] + K - 1) // K).flatten().nonzero().squeeze(1)
+
+    def log_likelihoods(z0):
+        return g.log_likelihoods(model, z0, s[:, 0], s, a, timesteps, mask, y, args.return_std, blocks)[:2]
+
+    torch.manual_seed(0)
+    shape = (len(pick), args.n_latent, args.d_model)
+    mu, logvar = torch.zeros(shape), torch.zeros(shape)
+    for _ in range(steps // noise_every):
+        mu, logvar = g.fit_local_posteriors(
+            mu, logvar, torch.randn(shape), lambda z0: sum(log_likelihoods(z0)), noise_every, lr, 0.0
+        )
+    with torch.no_grad():
+        posterior = [log_likelihoods(mu + (0.5 * logvar).exp() * torch.randn(shape)) for _ in range(draws)]
+        prior = [log_likelihoods(torch.randn(shape)) for _ in range(draws)]
+    action_ll, return_ll = (torch.stack(x).mean(0) for x in zip(*posterior, strict=True))
+    prior_action_ll = torch.stack([p[0] for p in prior]).mean(0)
+    kl = g.gaussian_kl(mu, logvar).sum(1)
+    n_steps = mask.sum()
+    print(f"{path}: ELBO {float((action_ll + return_ll - kl).mean()):.2f} nats per trajectory, log p(actions | z) "
+          f"{float(action_ll.sum() / n_steps):.4f} per step ({float(prior_action_ll.sum() / n_steps):.4f} with z0 from "
+          f"the prior), log p(y | z) {float(return_ll.mean()):.3f}, KL {float(kl.mean()):.2f}", flush=True)
+EOF
+}
+
 case "$MODE" in
   dry) write_jobs; cat "$OUT/prepare.txt" "$OUT/jobs.txt" ;;
   local) write_jobs; run_local; collect ;;
@@ -554,4 +639,5 @@ case "$MODE" in
   collect) collect ;;
   speed) speed ;;
   micro) micro ;;
+  fit) fit ;;
 esac

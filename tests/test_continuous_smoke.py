@@ -226,3 +226,23 @@ def test_each_rollout_steps_one_environment_per_episode_up_to_num_envs(
     assert vector_env_sizes == [2, 3]
     metrics = json.load(open(os.path.join(only_run_dir(tmp_path), "metrics.json")))
     assert len(metrics["evaluations"]) == 2 and metrics["online"][0]["round"] == 1
+
+
+def test_benchmark_fit_scores_offline_models_with_one_inference(minari_root, tmp_path):
+    """`./benchmark.sh --fit`: a model's ELBO on a dataset's trajectories with a fixed inference, the same figures for
+    the same model (so that two training settings compare by their models alone); one line for a folder without one."""
+    run(TINY_FLAGS + ["--exp-name", "fit", "--online-rounds", "0", "--save-model"], cwd=tmp_path)
+    run_dir = only_run_dir(tmp_path)
+    fit = ["bash", os.path.join(ROOT, "benchmark.sh"), "--fit", TINY_HOPPER, "--"]
+    env = os.environ | {"FIT_TRAJECTORIES": "5"}
+    result = subprocess.run(fit + [run_dir, os.path.join(run_dir, "offline.pt")], capture_output=True, text=True,
+                            env=env)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "5 of its 12 trajectories" in result.stdout
+    lines = [line.split(": ", 1)[1] for line in result.stdout.splitlines() if line.startswith(run_dir)]
+    assert len(lines) == 2 and lines[0] == lines[1]
+    elbo = float(lines[0].split("ELBO ")[1].split()[0])
+    assert math.isfinite(elbo) and "log p(actions | z)" in lines[0] and "with z0 from the prior" in lines[0]
+    result = subprocess.run(fit + [str(tmp_path)], capture_output=True, text=True, env=env)
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert result.stderr.strip().endswith("(a run with --save-model writes offline.pt)"), result.stderr
