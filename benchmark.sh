@@ -595,7 +595,7 @@ for path in paths:
     if set(checkpoint["args"]) - {f.name for f in dataclasses.fields(g.Args)}:
         sys.exit(f"benchmark.sh: error: {path} is not a gac_continuous.py model")
     args = g.Args(**checkpoint["args"])
-    train_states, _, _ = episodes(g.load_minari_dataset(g.resolve_dataset_id(args)))
+    train_states = g.read_episodes(g.load_minari_dataset(g.resolve_dataset_id(args)))[0]
     normalize = g.StateNormalizer(np.concatenate(train_states))  # as the model was trained
     max_len = checkpoint["model"]["generator.embed_timestep.weight"].shape[0]
     model = g.GAC(states[0].shape[1], actions[0].shape[1], args, max_len)
