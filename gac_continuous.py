@@ -114,7 +114,8 @@ class Args:
     """gradient clipping of the parameter update"""
     inner_steps: int = 1
     """Adam steps on each batch trajectory's local posterior q_i(z0) before the global step (3 of 0.1 until
-    2026-11-27: one step of 0.3 trains the posteriors as wide, scores as well and takes ~60 % of the training time)"""
+    2026-11-27: one step of 0.3 trains the posteriors as wide, scores level within noise or better and takes ~60 % of
+    the training time)"""
     inner_blocks: int = 0
     """context blocks of each trajectory that the inner steps read (0: all): drawn at random, their log-likelihood
     scaled up is an unbiased estimate of the whole trajectory's (blocks are independent given the plan)"""

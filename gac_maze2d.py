@@ -132,7 +132,8 @@ class Args:
     """gradient clipping of the parameter update"""
     inner_steps: int = 1
     """Adam steps on each batch trajectory's local posterior q_i(z0) before the global step (3 of 0.1 until
-    2026-11-27: one step of 0.3 trains the posteriors as wide, scores as well and takes ~60 % of the training time)"""
+    2026-11-27: one step of 0.3 trains the posteriors as wide, scores level within noise or better and takes ~60 % of
+    the training time)"""
     inner_blocks: int = 0
     """context blocks of each trajectory that the inner steps read (0: all): drawn at random, their log-likelihood
     scaled up is an unbiased estimate of the whole trajectory's (blocks are independent given the plan)"""
@@ -1446,13 +1447,18 @@ def route_key(route: tuple) -> str:
     return "|" + "|".join(f"{row},{col}" for row, col in route) + "|"
 
 
+def with_final_states(states: list[np.ndarray], final_states) -> list[np.ndarray]:
+    """Each trajectory's s_0..s_{T-1} and its final state s_T as one array s_0..s_T."""
+    return [np.concatenate([s, final[None]]) for s, final in zip(states, final_states, strict=True)]
+
+
 def trajectories_to_goal(data: dict) -> list[np.ndarray]:
     """The raw states of each training trajectory, its final state s_T included where the data keep it (read_episodes):
     an episode reaches its goal in s_T, and its route would otherwise stop a cell short of the goal's."""
     trajectories = split_episodes(data["states"], data["lengths"])
     if "final_states" not in data:  # --training-return hold: a held trajectory goes on from s_T
         return trajectories
-    return [np.concatenate([s, final[None]]) for s, final in zip(trajectories, data["final_states"], strict=True)]
+    return with_final_states(trajectories, data["final_states"])
 
 
 def route_index(routes: list[tuple]) -> str:
@@ -1900,8 +1906,7 @@ if __name__ == "__main__":
 
     def analyse(label: str, episodes: dict) -> dict:
         """The paper's Maze2D claims, measured on one evaluation's episodes."""
-        paired = zip(episodes["states"], episodes["final_states"], strict=True)
-        raw = raw_states([np.concatenate([s, final[None]]) for s, final in paired])  # s_0..s_T: s_T scores too
+        raw = raw_states(with_final_states(episodes["states"], episodes["final_states"]))  # s_T scores too
         found = analyse_episodes(raw, maze, goal_cell, training_routes)
         scores = 100 * normalize_returns(np.array(episodes["returns_raw"]), ref_min, ref_max)
         arrivals = [step for step in found["arrival_step"] if step is not None]  # of the episodes that arrived
