@@ -7,7 +7,7 @@
 #   ./benchmark.sh -- --num-iterations 3000          # flags after -- go to every run
 #   ./benchmark.sh --slurm "--partition gpu --gres gpu:1 --time 01:00:00"   # one array task per job, then collect
 #   ./benchmark.sh --collect            # collect again the runs named in benchmark/logs (each run prints its folder)
-#   ./benchmark.sh --out benchmark-cpu ...   # logs, table and plot there; the README block <!-- benchmark-cpu:start -->
+#   ./benchmark.sh --out benchmark-cpu ...   # logs, table and plot there; the block <!-- benchmark-cpu:start --> of README.md or docs/*.md
 #   ./benchmark.sh --speed              # one Hopper run here (d4rl-medium, made if missing), then where its time went
 #   ./benchmark.sh --micro              # the hot paths alone on synthetic Hopper-size data, then a profile
 #     (env: SMALL=1 tiny sizes, COMPILE=0 no torch.compile, PARTS=act,eval,train,attention,padding,profile, BATCH, REPS,
@@ -277,13 +277,14 @@ print(table)
 
 name = os.path.basename(os.path.normpath(out))  # --out benchmark-cpu fills the block <!-- benchmark-cpu:start -->
 start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-readme = open("README.md").read()
-if start in readme and end in readme:
-    before, rest = readme.split(start, 1)
-    after = rest.split(end, 1)[1]
-    with open("README.md", "w") as f:
-        f.write(f"{before}{start}\n{table}{end}{after}")
-    print(f"README.md: results table {name} updated")
+for document in ["README.md", *sorted(glob.glob("docs/*.md"))]:  # wherever the block is
+    text = open(document).read()
+    if start in text and end in text:
+        before, rest = text.split(start, 1)
+        after = rest.split(end, 1)[1]
+        with open(document, "w") as f:
+            f.write(f"{before}{start}\n{table}{end}{after}")
+        print(f"{document}: results table {name} updated")
 
 import matplotlib
 

@@ -130,14 +130,17 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
     assert readme.count("| gac_maze2d.py |") == 6  # fixed-target twice (two machines); no run of another table
     assert "| speed |" not in readme
     assert (tmp_path / "benchmark" / "score_by_round.png").stat().st_size > 0
-    # --out names the folder and the README block: another block, the first one untouched
-    (tmp_path / "README.md").write_text(readme + "<!-- benchmark-cpu:start -->\n<!-- benchmark-cpu:end -->\n")
+    # --out names the folder and the block, which may be in docs/: README's block untouched
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "experiments.md").write_text(
+        "# notes\n<!-- benchmark-cpu:start -->\n<!-- benchmark-cpu:end -->\n"
+    )
     result = subprocess.run(["bash", str(tmp_path / "benchmark.sh"), "--collect", "--out", "benchmark-cpu"],
                             cwd=tmp_path, capture_output=True, text=True)  # fmt: skip
     assert result.returncode == 0, result.stderr
-    both = (tmp_path / "README.md").read_text()
-    assert both.startswith(readme)  # the first block untouched
-    (cpu_row,) = [line for line in both.removeprefix(readme).splitlines() if "| gac_maze2d.py |" in line]
+    assert (tmp_path / "README.md").read_text() == readme
+    notes = (tmp_path / "docs" / "experiments.md").read_text()
+    (cpu_row,) = [line for line in notes.splitlines() if "| gac_maze2d.py |" in line]
     assert "| gac | 3 | 0.0 +- 0.0 |" in cpu_row  # its own run only
     assert (tmp_path / "benchmark-cpu" / "results.md").exists()
 
