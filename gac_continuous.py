@@ -58,7 +58,8 @@ class Args:
     save_model: bool = False
     """if toggled, write runs/{run_name}/checkpoint.pt (model, optimiser, local posteriors, online data)"""
     resume: str | None = None
-    """a checkpoint.pt (or the run folder holding one) to continue a killed run from; implies --save-model"""
+    """a checkpoint.pt (or the run folder holding one) to continue a killed run from, with the flags it started with
+    (no other flag may be given); implies --save-model"""
     init_from: str | None = None
     """an offline.pt (or the run folder holding one) that a run with --save-model wrote after offline training: start
     from that model and run only the offline evaluation and the online rounds, with this run's inference and online
@@ -123,7 +124,8 @@ class Args:
     """Adam learning rate of the local posteriors (mu_i, log sigma_i^2): a fresh Adam moves each by about this much
     a step"""
     posterior_init_logvar: float = -5.0
-    """initial log-variance of a new trajectory's local posterior (its mean starts at 0)"""
+    """initial log-variance of a new trajectory's local posterior (its mean starts at 0 for a dataset trajectory, at
+    the plan that generated it for an online one)"""
     free_bits: float = 1.0
     """nats per latent token below which the batch-averaged KL is not penalised (free bits)"""
     return_std: float = 0.1
@@ -204,11 +206,19 @@ CHECKPOINT_KEYS = set(
 )
 
 
-def check_checkpoint(checkpoint: dict, path: str, flag: str, keys: set):
-    """One line, not a KeyError, for a checkpoint that another version of this script wrote."""
+def load_checkpoint(path: str, flag: str, keys: set) -> dict:
+    """A checkpoint of this script; one line, not a traceback, for a file that is none or that another version of this
+    script wrote."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file, or one that holds more than tensors and plain Python values
+        fail(f"{flag}: {path} is not a checkpoint of this script ({type(error).__name__})")
+    if not isinstance(checkpoint, dict):
+        fail(f"{flag}: {path} is not a checkpoint of this script (it holds a {type(checkpoint).__name__})")
     missing = sorted(keys - set(checkpoint)) + sorted(set(checkpoint.get("args", {})) - {f.name for f in fields(Args)})
     if missing:
         fail(f"{flag}: {path} was written by another version of this script (it differs in {', '.join(missing)})")
+    return checkpoint
 
 
 def claim_run_dir(run_dir: str) -> str:
@@ -224,13 +234,30 @@ def claim_run_dir(run_dir: str) -> str:
     fail(f"{run_dir}: 999 runs of this name already exist")
 
 
+def check_same_data(saved: dict, path: str, flag: str, dataset_id: str, data: dict):
+    """A checkpoint's local posteriors belong row by row to the offline trajectories it was trained on: one line if
+    the data loaded now are not those (a dataset regenerated, replaced or downloaded since)."""
+    trained_on = json.loads(saved["metrics"]).get("data")  # None in checkpoints from before 2026-11-27
+    rows = saved["posterior_mu"].shape[0] - saved["online_buffer"]["lengths"].numel()
+    if rows != data["episodes"] or trained_on not in (None, data):
+        then = trained_on or {"episodes": rows}
+        fail(f"{flag}: {path} was trained on another version of {dataset_id} ({describe_data(then)}; now "
+             f"{describe_data(data)}): restore the data it was trained on")  # fmt: skip
+
+
+def describe_data(data: dict) -> str:
+    text = f"{data['episodes']:,} episodes"
+    if "steps" in data:
+        text += f", {data['steps']:,} steps, returns summing to {data['return_sum']:,.3f}"
+    return text
+
+
 def load_offline_checkpoint(init_from: str, args: Args) -> tuple[str, dict]:
     """The checkpoint an --init-from run starts from; one line if it is missing or its offline flags differ."""
     path = os.path.join(init_from, "offline.pt") if os.path.isdir(init_from) else init_from
     if not os.path.isfile(path):
         fail(f"--init-from: no offline checkpoint at {path} (a run with --save-model writes offline.pt)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    check_checkpoint(checkpoint, path, "--init-from", CHECKPOINT_KEYS - {"sampler_state", "generator_state"})
+    checkpoint = load_checkpoint(path, "--init-from", CHECKPOINT_KEYS - {"sampler_state", "generator_state"})
     if checkpoint["round"] != 0 or checkpoint["online_buffer"]["lengths"].numel():
         fail(f"--init-from: {path} was written after online rounds; use the run's offline.pt")
     differ = {k: v for k, v in checkpoint["args"].items() if k not in AFTER_OFFLINE_FLAGS and getattr(args, k) != v}
@@ -458,6 +485,13 @@ def valid_mask(lengths: torch.Tensor, padded_len: int) -> torch.Tensor:
     return (torch.arange(padded_len, device=lengths.device)[None, :] < lengths[:, None]).float()
 
 
+def stored_data_signature(folder: str, total_steps: int) -> list[int]:
+    """What tells a rewritten dataset from the one a cache was made of: its steps, and each of its data files' size
+    and modification time (the data folder's own time changes when a file is added or removed, not rewritten)."""
+    files = sorted(os.scandir(os.path.join(folder, "data")), key=lambda entry: entry.name)
+    return [total_steps] + [value for entry in files for value in (entry.stat().st_size, entry.stat().st_mtime_ns)]
+
+
 def read_episodes(
     dataset: minari.MinariDataset, cache: bool = True
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
@@ -465,7 +499,7 @@ def read_episodes(
     cached next to the dataset as .npz (reading 1M steps of Minari's HDF5 takes ~10 s, the cache ~1 s)."""
     folder = minari.storage.get_dataset_path(dataset.spec.dataset_id)
     path = os.path.join(folder, "gac_continuous_cache.npz")
-    source = [dataset.total_steps, os.path.getmtime(os.path.join(folder, "data"))]  # a rewritten dataset: a new cache
+    source = stored_data_signature(folder, dataset.total_steps)
     if cache and os.path.exists(path):
         data = np.load(path)
         if "source" in data.files and data["source"].tolist() == source:
@@ -1005,13 +1039,20 @@ def act(model: GAC, states, previous_actions, t, plan_tokens, caches: list[dict]
         return model.generator.step(states, previous_actions, t, plan_tokens, caches).float()
 
 
+def independent_seeds(key: int | list[int], n: int) -> list[int]:
+    """n independent seeds from a key (the run's seed, a purpose, its index). Successive integers would not do: a
+    vector env seeds environment i with seed + i, so environment i of a rollout seeded s would start where
+    environment i + 1 of one seeded s - 1 does (the round before, or the --seed below at the same iteration)."""
+    return np.random.SeedSequence(key).generate_state(n).tolist()
+
+
 def rollout(
     envs: gym.vector.VectorEnv,
     model: GAC,
     choose_plan: Callable,
     num_episodes: int,
     normalize,
-    seed: int,
+    seed: int | list[int],
     autocast,
     description: str,
     replan_every: int = 0,
@@ -1022,17 +1063,18 @@ def rollout(
     episode's return, length, states, actions (the model's, in [-1, 1]; the environment got them mapped to its
     action box), and plan (z0 and the info of its choice; the later plans' z0 in "replans").
 
-    The vector env autoresets in the same step (Gymnasium 1.x SAME_STEP mode): the observation returned with
-    a done flag is the next episode's s0, and every `step` call is one real step of every env, so no step is
-    lost or doubled. Actions are the generator's mean, acting on the real observed states (closed loop), with
-    the block-causal context the model was trained with."""
+    Environment i is seeded once, at the first reset, with the i-th of `independent_seeds(seed, N)`; its later
+    episodes follow from its own generator. The vector env autoresets in the same step (Gymnasium 1.x SAME_STEP
+    mode): the observation returned with a done flag is the next episode's s0, and every `step` call is one real
+    step of every env, so no step is lost or doubled. Actions are the generator's mean, acting on the real observed
+    states (closed loop), with the block-causal context the model was trained with."""
     device = next(model.parameters()).device
     N = envs.num_envs
     quota = np.array([num_episodes // N + (i < num_episodes % N) for i in range(N)])
     finished = np.zeros(N, dtype=int)
     model.eval()
 
-    obs, _ = envs.reset(seed=seed)
+    obs, _ = envs.reset(seed=independent_seeds(seed, N))
     states_np = normalize(obs)
     states = torch.as_tensor(states_np, device=device)
     z0, plan_info = choose_plan(states)
@@ -1150,8 +1192,11 @@ if __name__ == "__main__":
         path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
         if not os.path.isfile(path):
             fail(f"--resume: no checkpoint at {path}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        check_checkpoint(checkpoint, path, "--resume", CHECKPOINT_KEYS)
+        given = [("--no-" if value is False else "--") + name.replace("_", "-") for name, value in asdict(args).items()
+                 if name not in ("resume", "save_model") and value != getattr(Args(), name)]  # fmt: skip
+        if given:  # they would be ignored
+            fail(f"--resume continues a run with the flags it started with; leave out {' '.join(given)}")
+        checkpoint = load_checkpoint(path, "--resume", CHECKPOINT_KEYS)
         resumed_args = Args(**checkpoint["args"])
         args = resumed_args  # the run continues with the flags it started with
         args.save_model = True
@@ -1211,6 +1256,11 @@ if __name__ == "__main__":
         y=torch.as_tensor(normalize_returns(returns_raw, ref_min, ref_max), device=device, dtype=torch.float32),
     )
     n_offline = len(buffer)
+    data_summary = {  # what the local posteriors belong to: a checkpoint is resumed only on the same data
+        "episodes": n_offline,
+        "steps": int(buffer.lengths.sum()),
+        "return_sum": float(np.sum(returns_raw)),
+    }
     obs_dim, act_dim = dataset_states[0].shape[1], dataset_actions[0].shape[1]
     print(
         f"{dataset_id}: {n_offline} episodes, {int(buffer.lengths.sum())} steps, "
@@ -1242,12 +1292,14 @@ if __name__ == "__main__":
         "command": "python " + shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         "args": asdict(args),
         "dataset_id": dataset_id,
+        "data": data_summary,
         "normalisation": normalisation,
         "device": str(device),
         "machine": machine,
         "evaluations": [],
     }
     if checkpoint is not None:
+        check_same_data(checkpoint, path, "--resume", dataset_id, data_summary)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -1270,8 +1322,7 @@ if __name__ == "__main__":
         run_start -= checkpoint.get("elapsed_s", 0.0)
         print(f"resumed {run_dir} at iteration {iteration}, online round {start_round}")
     elif init_checkpoint is not None:
-        if init_checkpoint["posterior_mu"].shape[0] != n_offline:
-            fail(f"--init-from: {init_path} was trained on another version of {dataset_id}")
+        check_same_data(init_checkpoint, init_path, "--init-from", dataset_id, data_summary)
         model.load_state_dict(init_checkpoint["model"])
         optimizer.load_state_dict(init_checkpoint["optimizer"])
         scheduler.load_state_dict(init_checkpoint["scheduler"])
@@ -1373,8 +1424,8 @@ if __name__ == "__main__":
         """Exploitation: ascent on the plan at every reset, deterministic actions; normalised score x 100."""
         start = time.time()
         traces = []
-        seed = args.seed + 10_000 + iteration
-        plans = torch.Generator(device=device).manual_seed(seed)  # its own: training's random numbers stay as they are
+        key = [args.seed, 1, iteration]  # this evaluation's own random numbers: training's stay as they are
+        plans = torch.Generator(device=device).manual_seed(independent_seeds(key + [0], 1)[0])
 
         def choose_plan(s0):
             z0, trace, best = exploit_plans(model, s0, args, autocast, plans)
@@ -1387,7 +1438,7 @@ if __name__ == "__main__":
             choose_plan,
             num_episodes,
             normalize,
-            seed=seed,
+            seed=key + [1],
             autocast=autocast,
             description=f"evaluate ({label})",
             replan_every=args.replan_every,
@@ -1466,10 +1517,12 @@ if __name__ == "__main__":
                     progress.update(task, info=f"elbo {float(losses['losses/elbo']):.1f}")
                 progress.advance(task)
                 if phase == "offline":
+                    paused = time.time()  # the throughput charts time training alone
                     if iteration % args.eval_every == 0 and iteration < args.num_iterations:
                         evaluate("offline", args.eval_episodes)
                     if iteration % args.checkpoint_every == 0:
                         checkpoint_now(round_index)
+                    last_log += time.time() - paused
         counts["train_tokens"] += float(tokens)  # since the last log
 
     try:
@@ -1515,8 +1568,8 @@ if __name__ == "__main__":
             else:
                 target_y = None  # one per episode, from its own s0
 
-            seed = args.seed + 20_000 + round_index
-            plans = torch.Generator(device=device).manual_seed(seed)
+            key = [args.seed, 2, round_index]  # this round's own random numbers
+            plans = torch.Generator(device=device).manual_seed(independent_seeds(key + [0], 1)[0])
 
             def choose_plan(s0, target_y=target_y, plans=plans):
                 if target_y is None:
@@ -1531,7 +1584,7 @@ if __name__ == "__main__":
                 choose_plan,
                 args.episodes_per_round,
                 normalize,
-                seed=seed,
+                seed=key + [1],
                 autocast=autocast,
                 description=f"round {round_index + 1}: explore"
                 + (f" (y+ = {100 * target_y:.1f})" if target_y is not None else " (y+ per start)"),

@@ -69,7 +69,8 @@ class Args:
     save_model: bool = False
     """if toggled, write runs/{run_name}/checkpoint.pt (model, optimiser, local posteriors, online data)"""
     resume: str | None = None
-    """a checkpoint.pt (or the run folder holding one) to continue a killed run from; implies --save-model"""
+    """a checkpoint.pt (or the run folder holding one) to continue a killed run from, with the flags it started with
+    (no other flag may be given); implies --save-model"""
     init_from: str | None = None
     """an offline.pt (or the run folder holding one) that a run with --save-model wrote after offline training: start
     from that model and run only the offline evaluation and the online rounds, with this run's inference and online
@@ -82,7 +83,7 @@ class Args:
     """any Minari PointMaze dataset id, local or remote (its maze must match --env-id)"""
     dataset_steps: int = 1_000_000
     """steps of a regenerated dataset, made when the Minari one is neither local nor downloadable (another number
-    than the recipe's 1M always means the regeneration: a small dataset for a test)"""
+    than the recipe's 1M always means the regeneration: a small dataset for a test; not with --dataset-id)"""
     training_return: str = "hold"
     """what a training trajectory's y means: hold (each episode continued to the evaluation horizon by the recipe's
     controller holding at its goal, simulated once and cached, and y its rewards summed: the evaluation's return),
@@ -141,7 +142,8 @@ class Args:
     """Adam learning rate of the local posteriors (mu_i, log sigma_i^2): a fresh Adam moves each by about this much
     a step"""
     posterior_init_logvar: float = -5.0
-    """initial log-variance of a new trajectory's local posterior (its mean starts at 0)"""
+    """initial log-variance of a new trajectory's local posterior (its mean starts at 0 for a dataset trajectory, at
+    the plan that generated it for an online one)"""
     free_bits: float = 1.0
     """nats per latent token below which the batch-averaged KL is not penalised (free bits)"""
     return_std: float = 0.1
@@ -222,11 +224,19 @@ CHECKPOINT_KEYS = set(
 )
 
 
-def check_checkpoint(checkpoint: dict, path: str, flag: str, keys: set):
-    """One line, not a KeyError, for a checkpoint that another version of this script wrote."""
+def load_checkpoint(path: str, flag: str, keys: set) -> dict:
+    """A checkpoint of this script; one line, not a traceback, for a file that is none or that another version of this
+    script wrote."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # not a torch file, or one that holds more than tensors and plain Python values
+        fail(f"{flag}: {path} is not a checkpoint of this script ({type(error).__name__})")
+    if not isinstance(checkpoint, dict):
+        fail(f"{flag}: {path} is not a checkpoint of this script (it holds a {type(checkpoint).__name__})")
     missing = sorted(keys - set(checkpoint)) + sorted(set(checkpoint.get("args", {})) - {f.name for f in fields(Args)})
     if missing:
         fail(f"{flag}: {path} was written by another version of this script (it differs in {', '.join(missing)})")
+    return checkpoint
 
 
 def claim_run_dir(run_dir: str) -> str:
@@ -242,13 +252,30 @@ def claim_run_dir(run_dir: str) -> str:
     fail(f"{run_dir}: 999 runs of this name already exist")
 
 
+def check_same_data(saved: dict, path: str, flag: str, dataset_id: str, data: dict):
+    """A checkpoint's local posteriors belong row by row to the offline trajectories it was trained on: one line if
+    the data loaded now are not those (a dataset regenerated, replaced or downloaded since)."""
+    trained_on = json.loads(saved["metrics"]).get("data")  # None in checkpoints from before 2026-11-27
+    rows = saved["posterior_mu"].shape[0] - saved["online_buffer"]["lengths"].numel()
+    if rows != data["episodes"] or trained_on not in (None, data):
+        then = trained_on or {"episodes": rows}
+        fail(f"{flag}: {path} was trained on another version of {dataset_id} ({describe_data(then)}; now "
+             f"{describe_data(data)}): restore the data it was trained on")  # fmt: skip
+
+
+def describe_data(data: dict) -> str:
+    text = f"{data['episodes']:,} episodes"
+    if "steps" in data:
+        text += f", {data['steps']:,} steps, returns summing to {data['return_sum']:,.3f}"
+    return text
+
+
 def load_offline_checkpoint(init_from: str, args: Args) -> tuple[str, dict]:
     """The checkpoint an --init-from run starts from; one line if it is missing or its offline flags differ."""
     path = os.path.join(init_from, "offline.pt") if os.path.isdir(init_from) else init_from
     if not os.path.isfile(path):
         fail(f"--init-from: no offline checkpoint at {path} (a run with --save-model writes offline.pt)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    check_checkpoint(checkpoint, path, "--init-from", CHECKPOINT_KEYS - {"sampler_state", "generator_state"})
+    checkpoint = load_checkpoint(path, "--init-from", CHECKPOINT_KEYS - {"sampler_state", "generator_state"})
     if checkpoint["round"] != 0 or checkpoint["online_buffer"]["lengths"].numel():
         fail(f"--init-from: {path} was written after online rounds; use the run's offline.pt")
     differ = {k: v for k, v in checkpoint["args"].items() if k not in AFTER_OFFLINE_FLAGS and getattr(args, k) != v}
@@ -259,6 +286,8 @@ def load_offline_checkpoint(init_from: str, args: Args) -> tuple[str, dict]:
 
 
 def check_args(args: Args):
+    if args.dataset_id is not None and args.dataset_steps != 1_000_000:
+        fail("--dataset-steps makes a regeneration and --dataset-id names a dataset: give one of them")
     if args.hold_steps and args.training_return != "hold":
         fail(f"--hold-steps cuts the holds of --training-return hold, not of {args.training_return}")
     positive = """d_model n_layer n_head prior_layers n_latent n_return_tokens context_len batch_size num_candidates
@@ -440,7 +469,8 @@ def shortest_path_tree(maze_map: list[list], goal_cell: tuple[int, int]) -> dict
 
 class WaypointController:
     """The recipe's expert: PD control towards waypoints on the shortest cell path to the goal (re-planned when the
-    goal moves); intermediate waypoints are cell centres shifted by -U(0, 1) * 0.2, the last one the goal itself."""
+    goal moves); the first waypoint of a path is its cell's centre, the later ones centres shifted by -U(0, 1) * 0.2
+    (as Minari's), the last one the goal itself."""
 
     def __init__(self, maze, rng: np.random.Generator, p_gain: float = 10.0, d_gain: float = -1.0):
         self.maze, self.rng, self.p_gain, self.d_gain = maze, rng, p_gain, d_gain
@@ -551,26 +581,35 @@ def find_or_regenerate(args: Args, dataset_id: str) -> tuple[minari.MinariDatase
     return regenerate_dataset(maze, args.dataset_steps, regenerated_id), regenerated_id
 
 
-def load_training_data(args: Args) -> tuple[minari.MinariDataset, str, gym.envs.registration.EnvSpec, dict]:
-    """The dataset (local, downloaded or regenerated), its id, its evaluation environment's spec and its episodes
-    as training reads them (read_episodes, then hold_at_goals with --training-return hold). benchmark.sh calls it
-    once before the runs that share the data."""
-    dataset, dataset_id = find_or_regenerate(args, resolve_dataset_id(args))
+def load_training_data(
+    args: Args, dataset_id: str | None = None
+) -> tuple[minari.MinariDataset, str, gym.envs.registration.EnvSpec, dict]:
+    """The dataset (local, downloaded or regenerated; `dataset_id`: that one, the data a checkpoint was trained on),
+    its id, its evaluation environment's spec and its episodes as training reads them (read_episodes, then
+    hold_at_goals with --training-return hold). benchmark.sh calls it once before the runs that share the data."""
+    if dataset_id is None:
+        dataset, dataset_id = find_or_regenerate(args, resolve_dataset_id(args))
+    else:  # not what is there now: a download or a regeneration made since would not fit the checkpoint
+        dataset = load_minari_dataset(dataset_id)
     eval_env = dataset.recover_environment(eval_env=True)
     env_spec = eval_env.spec
     remove_maze_xml(eval_env)
     eval_env.close()
     if not isinstance(dataset.observation_space, gym.spaces.Dict):
         fail(f"{dataset_id} has {type(dataset.observation_space).__name__} observations; PointMaze has Dict ones")
-    maze = maze_of(env_spec)
+    maze = maze_of(env_spec) if env_spec.id.startswith("PointMaze_") else None  # AntMaze has the same walls
     if maze != args.env_id.lower():
         fail(f"{dataset_id} is {'not a PointMaze dataset' if maze is None else f'the {maze} maze'}: pass the "
              f"--env-id it was made on")  # fmt: skip
+    horizon = MAZES[maze][2]
+    if env_spec.max_episode_steps != horizon or env_spec.kwargs.get("reset_target"):
+        fail(f"{dataset_id}'s evaluation environment runs {env_spec.max_episode_steps} steps"
+             f"{' and moves its goal' if env_spec.kwargs.get('reset_target') else ''}; D4RL's {maze} evaluation, which "
+             f"this script scores, runs {horizon} steps with a fixed goal")  # fmt: skip
     if args.training_return != "dataset" and ("Dense" in env_spec.id or env_spec.kwargs.get("reward_type") == "dense"):
         fail(f"--training-return {args.training_return} counts steps at the goal (the sparse reward) and {dataset_id} "
              "has dense rewards: use --training-return dataset")  # fmt: skip
     data = read_episodes(dataset)
-    horizon = env_spec.max_episode_steps
     if args.training_return == "hold":
         segment_lengths = data["lengths"]
         data = hold_at_goals(data, args.env_id.lower(), horizon, minari.storage.get_dataset_path(dataset_id))
@@ -587,6 +626,13 @@ def flatten_observation(obs: dict) -> np.ndarray:
     return np.concatenate([obs["observation"], obs["desired_goal"]], axis=-1).astype(np.float32)
 
 
+def stored_data_signature(folder: str, total_steps: int) -> list[int]:
+    """What tells a rewritten dataset from the one a cache was made of: its steps, and each of its data files' size
+    and modification time (the data folder's own time changes when a file is added or removed, not rewritten)."""
+    files = sorted(os.scandir(os.path.join(folder, "data")), key=lambda entry: entry.name)
+    return [total_steps] + [value for entry in files for value in (entry.stat().st_size, entry.stat().st_mtime_ns)]
+
+
 def read_episodes(dataset: minari.MinariDataset, cache: bool = True) -> dict:
     """Flattened states s_0..s_{T-1}, actions, rewards, each episode's final state s_T and whether it reached its
     goal, cached next to the dataset as .npz so a second run starts in about a second.
@@ -595,7 +641,7 @@ def read_episodes(dataset: minari.MinariDataset, cache: bool = True) -> dict:
     goal moves on the step it is reached): every state of an episode is given the goal the episode ends at."""
     folder = minari.storage.get_dataset_path(dataset.spec.dataset_id)
     path = os.path.join(folder, "gac_maze2d_cache.npz")
-    source = [dataset.total_steps, os.path.getmtime(os.path.join(folder, "data"))]  # a rewritten dataset: a new cache
+    source = stored_data_signature(folder, dataset.total_steps)
     if cache and os.path.exists(path):
         data = np.load(path)
         keys = ["states", "actions", "rewards", "lengths", "reached_goal", "final_states"]
@@ -1337,13 +1383,20 @@ def act(model: GAC, states, previous_actions, t, plan_tokens, caches: list[dict]
         return model.generator.step(states, previous_actions, t, plan_tokens, caches).float()
 
 
+def independent_seeds(key: int | list[int], n: int) -> list[int]:
+    """n independent seeds from a key (the run's seed, a purpose, its index). Successive integers would not do: a
+    vector env seeds environment i with seed + i, so environment i of a rollout seeded s would start where
+    environment i + 1 of one seeded s - 1 does (the round before, or the --seed below at the same iteration)."""
+    return np.random.SeedSequence(key).generate_state(n).tolist()
+
+
 def rollout(
     envs: gym.vector.VectorEnv,
     model: GAC,
     choose_plan: Callable,
     num_episodes: int,
     normalize,
-    seed: int,
+    seed: int | list[int],
     autocast,
     description: str,
     replan_every: int = 0,
@@ -1355,17 +1408,18 @@ def rollout(
     actions (the model's, in [-1, 1]; the environment got them mapped to its action box), and plan (z0 and the info
     of its choice; the later plans' z0 in "replans").
 
-    The vector env autoresets in the same step (Gymnasium 1.x SAME_STEP mode): the observation returned with
-    a done flag is the next episode's s0, and every `step` call is one real step of every env, so no step is
-    lost or doubled. Actions are the generator's mean, acting on the real observed states (closed loop), with
-    the block-causal context the model was trained with."""
+    Environment i is seeded once, at the first reset, with the i-th of `independent_seeds(seed, N)`; its later
+    episodes follow from its own generator. The vector env autoresets in the same step (Gymnasium 1.x SAME_STEP
+    mode): the observation returned with a done flag is the next episode's s0, and every `step` call is one real
+    step of every env, so no step is lost or doubled. Actions are the generator's mean, acting on the real observed
+    states (closed loop), with the block-causal context the model was trained with."""
     device = next(model.parameters()).device
     N = envs.num_envs
     quota = np.array([num_episodes // N + (i < num_episodes % N) for i in range(N)])
     finished = np.zeros(N, dtype=int)
     model.eval()
 
-    obs, _ = envs.reset(seed=seed)
+    obs, _ = envs.reset(seed=independent_seeds(seed, N))
     states_np = normalize(obs)
     states = torch.as_tensor(states_np, device=device)
     z0, plan_info = choose_plan(states)
@@ -1609,8 +1663,11 @@ if __name__ == "__main__":
         path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
         if not os.path.isfile(path):
             fail(f"--resume: no checkpoint at {path}")
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-        check_checkpoint(checkpoint, path, "--resume", CHECKPOINT_KEYS)
+        given = [("--no-" if value is False else "--") + name.replace("_", "-") for name, value in asdict(args).items()
+                 if name not in ("resume", "save_model") and value != getattr(Args(), name)]  # fmt: skip
+        if given:  # they would be ignored
+            fail(f"--resume continues a run with the flags it started with; leave out {' '.join(given)}")
+        checkpoint = load_checkpoint(path, "--resume", CHECKPOINT_KEYS)
         resumed_args = Args(**checkpoint["args"])
         args = resumed_args  # the run continues with the flags it started with
         args.save_model = True
@@ -1647,7 +1704,10 @@ if __name__ == "__main__":
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
 
     # ---- data ----
-    dataset, dataset_id, env_spec, data = load_training_data(args)
+    saved = checkpoint or init_checkpoint  # a run that continues reads the data it was trained on, not today's
+    dataset, dataset_id, env_spec, data = load_training_data(
+        args, json.loads(saved["metrics"])["dataset_id"] if saved is not None else None
+    )
     horizon = env_spec.max_episode_steps
     to_model = ActionScaler(dataset.action_space).to_model  # PointMaze's box is [-1, 1] already: the identity
     dataset_states, dataset_actions = (
@@ -1686,6 +1746,11 @@ if __name__ == "__main__":
         y=torch.as_tensor(normalize_returns(returns_raw, ref_min, ref_max), device=device, dtype=torch.float32),
     )
     n_offline = len(buffer)
+    data_summary = {  # what the local posteriors belong to: a checkpoint is resumed only on the same data
+        "episodes": n_offline,
+        "steps": int(buffer.lengths.sum()),
+        "return_sum": float(np.sum(returns_raw)),
+    }
     obs_dim, act_dim = dataset_states[0].shape[1], dataset_actions[0].shape[1]
     print(
         f"{dataset_id}: {n_offline} episodes, {int(buffer.lengths.sum())} steps, "
@@ -1717,12 +1782,14 @@ if __name__ == "__main__":
         "command": "python " + shlex.join([os.path.basename(sys.argv[0]), *sys.argv[1:]]),
         "args": asdict(args),
         "dataset_id": dataset_id,
+        "data": data_summary,
         "normalisation": normalisation,
         "device": str(device),
         "machine": machine,
         "evaluations": [],
     }
     if checkpoint is not None:
+        check_same_data(checkpoint, path, "--resume", dataset_id, data_summary)
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
@@ -1748,8 +1815,7 @@ if __name__ == "__main__":
         run_start -= checkpoint.get("elapsed_s", 0.0)
         print(f"resumed {run_dir} at iteration {iteration}, online round {start_round}")
     elif init_checkpoint is not None:
-        if init_checkpoint["posterior_mu"].shape[0] != n_offline:
-            fail(f"--init-from: {init_path} was trained on another version of {dataset_id}")
+        check_same_data(init_checkpoint, init_path, "--init-from", dataset_id, data_summary)
         model.load_state_dict(init_checkpoint["model"])
         optimizer.load_state_dict(init_checkpoint["optimizer"])
         scheduler.load_state_dict(init_checkpoint["scheduler"])
@@ -1851,8 +1917,8 @@ if __name__ == "__main__":
         """Exploitation: ascent on the plan at every reset, deterministic actions; normalised score x 100."""
         start = time.time()
         traces = []
-        seed = args.seed + 10_000 + iteration
-        plans = torch.Generator(device=device).manual_seed(seed)  # its own: training's random numbers stay as they are
+        key = [args.seed, 1, iteration]  # this evaluation's own random numbers: training's stay as they are
+        plans = torch.Generator(device=device).manual_seed(independent_seeds(key + [0], 1)[0])
 
         def choose_plan(s0):
             z0, trace, best = exploit_plans(model, s0, args, autocast, plans)
@@ -1865,7 +1931,7 @@ if __name__ == "__main__":
             choose_plan,
             num_episodes,
             normalize,
-            seed=seed,
+            seed=key + [1],
             autocast=autocast,
             description=f"evaluate ({label})",
             replan_every=args.replan_every,
@@ -1988,10 +2054,12 @@ if __name__ == "__main__":
                     progress.update(task, info=f"elbo {float(losses['losses/elbo']):.1f}")
                 progress.advance(task)
                 if phase == "offline":
+                    paused = time.time()  # the throughput charts time training alone
                     if iteration % args.eval_every == 0 and iteration < args.num_iterations:
                         evaluate("offline", args.eval_episodes)
                     if iteration % args.checkpoint_every == 0:
                         checkpoint_now(round_index)
+                    last_log += time.time() - paused
         counts["train_tokens"] += float(tokens)  # since the last log
 
     try:
@@ -2039,8 +2107,8 @@ if __name__ == "__main__":
             else:
                 target_y = None  # one per episode, from its own s0
 
-            seed = args.seed + 20_000 + round_index
-            plans = torch.Generator(device=device).manual_seed(seed)
+            key = [args.seed, 2, round_index]  # this round's own random numbers
+            plans = torch.Generator(device=device).manual_seed(independent_seeds(key + [0], 1)[0])
 
             def choose_plan(s0, target_y=target_y, plans=plans):
                 if target_y is None:
@@ -2055,7 +2123,7 @@ if __name__ == "__main__":
                 choose_plan,
                 args.episodes_per_round,
                 normalize,
-                seed=seed,
+                seed=key + [1],
                 autocast=autocast,
                 description=f"round {round_index + 1}: explore"
                 + (f" (y+ = {100 * target_y:.1f})" if target_y is not None else " (y+ per start)"),

@@ -1,6 +1,7 @@
 """The pieces that gac_continuous.py and gac_maze2d.py share line for line, each test run against both scripts."""
 
 import io
+import json
 import os
 import re
 from contextlib import nullcontext
@@ -180,3 +181,36 @@ def test_flags_out_of_range_get_one_line(gac, flag, value, expected):
     with pytest.raises(SystemExit, match=re.escape(expected)):
         gac.check_args(gac.Args(**{flag: value}))
     gac.check_args(gac.Args())  # the defaults pass
+
+
+def test_rollouts_of_other_rounds_and_seeds_start_elsewhere(gac):
+    """A vector env seeds environment i with seed + i: with consecutive seeds, 49 of a round's 50 start states were
+    the round before's, and 9 of 10 evaluation episodes of --seed 2 were --seed 1's. The keys give disjoint seeds."""
+    keys = [[1, 2, 0, 1], [1, 2, 1, 1], [2, 2, 0, 1], [1, 1, 0, 1], [1, 2, 0, 0]]  # round, --seed, purpose, stream
+    drawn = [gac.independent_seeds(key, 50) for key in keys]
+    assert len({seed for seeds in drawn for seed in seeds}) == 50 * len(keys)
+    assert gac.independent_seeds([1, 2, 0, 1], 50) == drawn[0]  # and repeat
+
+
+def test_a_checkpoint_continues_only_on_the_data_it_was_trained_on(gac):
+    """Its local posteriors belong row by row to the offline trajectories: a dataset regenerated, replaced or
+    downloaded since must stop the run, not hand each trajectory another's posterior."""
+    data = {"episodes": 3, "steps": 30, "return_sum": 4.5}
+    saved = {"metrics": json.dumps({"data": data}), "posterior_mu": torch.zeros(5, 2, 4),
+             "online_buffer": {"lengths": torch.tensor([7, 9])}}  # fmt: skip
+    gac.check_same_data(saved, "run/checkpoint.pt", "--resume", "d", data)  # the same data: no complaint
+    with pytest.raises(SystemExit, match="trained on another version of d .3 episodes, 30 steps, returns summing to "
+                       r"4.500; now 3 episodes, 31 steps"):  # fmt: skip
+        gac.check_same_data(saved, "run/checkpoint.pt", "--resume", "d", data | {"steps": 31})
+    older = saved | {"metrics": "{}"}  # a checkpoint from before the summary was kept: the number of rows
+    gac.check_same_data(older, "run/offline.pt", "--init-from", "d", data)
+    with pytest.raises(SystemExit, match=r"\(3 episodes; now 4 episodes, "):
+        gac.check_same_data(older, "run/offline.pt", "--init-from", "d", data | {"episodes": 4})
+
+
+def test_a_file_that_is_no_checkpoint_gets_one_line(gac, tmp_path):
+    (tmp_path / "notes.pt").write_text("not a checkpoint")
+    torch.save([1, 2], tmp_path / "list.pt")
+    for name in ("notes.pt", "list.pt"):
+        with pytest.raises(SystemExit, match=f"--resume: .*{name} is not a checkpoint of this script"):
+            gac.load_checkpoint(str(tmp_path / name), "--resume", gac.CHECKPOINT_KEYS)

@@ -178,6 +178,7 @@ def test_bad_input_gets_one_line(minari_root, tmp_path):
         (["--dataset-id", TINY_HOPPER, "--quantile", "2"], "--quantile must be in [0, 1]"),
         (["--dataset-id", TINY_HOPPER, "--sample-by", "steps"], "--sample-by must be length or uniform"),
         (["--resume", str(tmp_path / "nowhere")], "no checkpoint at"),
+        (["--resume", str(old), "--seed", "2", "--no-cuda"], "flags it started with; leave out --seed --no-cuda"),
         (["--init-from", str(tmp_path / "nowhere")], "no offline checkpoint at"),
         (["--dataset", "bogus"], "valid: simple, medium, expert, d4rl-medium"),
         (["--dataset", "d4rl-expert"], "python datasets/make_dataset.py generate --env-id Hopper --level expert"),

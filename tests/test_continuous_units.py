@@ -419,7 +419,10 @@ def test_read_episodes_caches_and_notices_a_rewritten_dataset(minari_root):
     cached = dict(np.load(path))
     np.savez(path, **(cached | {"states": cached["states"] + 1}))  # a cache that differs from the data
     assert gac.read_episodes(dataset)[0][0][0, 0] == fresh[0][0][0, 0] + 1  # it is what the next run reads
-    os.utime(os.path.join(folder, "data"), (1e9, 1e9))  # the dataset rewritten in place
+    stored = os.path.join(folder, "data", "main_data.hdf5")  # the dataset rewritten in place: the folder's time stays
+    folder_times = os.stat(os.path.join(folder, "data")).st_mtime_ns
+    os.utime(stored, (1e9, 1e9))
+    assert os.stat(os.path.join(folder, "data")).st_mtime_ns == folder_times
     np.testing.assert_array_equal(gac.read_episodes(dataset)[0][0], fresh[0][0])
 
 

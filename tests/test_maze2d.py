@@ -230,10 +230,15 @@ def test_end_to_end_regenerates_then_reuses_the_dataset(minari_root, tmp_path):
     second = subprocess.run([sys.executable, script, *prior, "--init-from", str(run_dir)], cwd=tmp_path,
                             capture_output=True, text=True, env=env)  # fmt: skip
     assert second.returncode == 0, second.stderr[-3000:]
-    assert "REGENERATING" not in second.stdout and "using gac-regenerated/pointmaze/umaze-3000steps-v2" in second.stdout
+    # it reads the data its offline model was trained on (recorded in offline.pt), not whatever is there now
+    assert (
+        "REGENERATING" not in second.stdout
+        and "\ngac-regenerated/pointmaze/umaze-3000steps-v2: " in "\n" + second.stdout
+    )
     (prior_dir,) = (tmp_path / "runs").glob("*__prior__*")
     metrics = json.load(open(prior_dir / "metrics.json"))
     assert metrics["init_from"]["path"] == str(run_dir / "offline.pt") and metrics["timings_s"]["offline_training"] == 0
+    assert metrics["dataset_id"] == "gac-regenerated/pointmaze/umaze-3000steps-v2" and metrics["data"]["episodes"] > 0
     assert [e["iteration"] for e in metrics["evaluations"]] == [10] and "offline" in metrics["analysis"]
 
 
@@ -254,6 +259,7 @@ def test_bad_input_gets_one_line(tmp_path):
         (["--training-return", "raw"], "--training-return must be hindsight, hold or dataset"),
         (["--sample-by", "steps"], "--sample-by must be length or uniform"),
         (["--analysis-episodes", "1"], "--analysis-episodes must be 0 (no analyses) or at least 2"),
+        (["--dataset-id", "D4RL/pointmaze/umaze-v2", "--dataset-steps", "5000"], "--dataset-id names a dataset"),
         (["--dataset-id", "gac-regenerated/pointmaze/medium-5000steps-v2"],
          "without --dataset-id, `python gac_maze2d.py --env-id medium --dataset-steps 5000` makes it"),  # no download
     ]:  # fmt: skip
