@@ -33,7 +33,7 @@ JOBS=""
 ONLY=""
 DEADLINE=""
 MODE=local
-STAMP=$(date +%Y%m%d-%H%M%S)  # names this invocation's logs: a later grid adds logs, never overwrites
+STAMP=$(date +%Y%m%d-%H%M%S)-$$  # names this invocation's files: a later or a parallel grid adds, never overwrites
 SLURM_ARGS=""
 EXTRA=()
 while (($#)); do
@@ -54,6 +54,27 @@ while (($#)); do
     *) echo "benchmark.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
+usage_error() {
+  echo "benchmark.sh: error: $*" >&2
+  exit 2
+}
+[[ -z "$JOBS" || "$JOBS" =~ ^[1-9][0-9]*$ ]] || usage_error "--jobs takes a positive integer, got '$JOBS'"
+[[ -z "$DEADLINE" || "$DEADLINE" =~ ^[1-9][0-9]*$ ]] || usage_error "--deadline takes seconds (an integer), got '$DEADLINE'"
+[[ "$SEEDS" =~ ^\ *[0-9]+(\ +[0-9]+)*\ *$ ]] || usage_error "--seeds takes integers separated by spaces (\"1 2 3\"), got '$SEEDS'"
+if [[ $MODE == slurm && -n "$DEADLINE$JOBS" ]]; then
+  usage_error "--deadline and --jobs act on a grid run here; under SLURM give its own options (--time) to --slurm"
+fi
+[[ -z "$DEADLINE" || $MODE == local ]] || usage_error "--deadline stops the runs of a grid run here (no --$MODE)"
+if [[ $MODE == local || $MODE == slurm || $MODE == dry ]]; then
+  for flag in "${EXTRA[@]}"; do  # the grid names each run: given after --, they would merge its rows
+    case "$flag" in
+      --seed | --seed=* | --exp-name | --exp-name=* | --init-from* | --resume*)
+        usage_error "the grid sets ${flag%%=*} for each of its runs: leave it out of the flags after --" ;;
+    esac
+  done
+fi
+EXTRA_Q=""  # the flags after --, quoted for the command lines the jobs run
+((${#EXTRA[@]})) && printf -v EXTRA_Q ' %q' "${EXTRA[@]}"
 mkdir -p "$OUT/logs"
 CPUS=$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)  # nproc alone answers OMP_NUM_THREADS, 1 in our commands
 
@@ -71,9 +92,12 @@ declare -A VARIANTS=(
   [offline-data]="--online-fraction 0.0"
 )
 
+JOBS_FILE="$OUT/jobs_$STAMP.txt"        # one line per job; each SLURM task reads its own line
+PREPARE_FILE="$OUT/prepare_$STAMP.txt"  # the datasets the runs share, made once before them
+
 write_jobs() {
-  : >"$OUT/jobs.txt"
-  : >"$OUT/prepare.txt"  # datasets made once, before the runs that share them
+  : >"$JOBS_FILE"
+  : >"$PREPARE_FILE"
   for row in "${GRID[@]}"; do
     script=${row%%|*}
     data=${row#*|}
@@ -81,7 +105,7 @@ write_jobs() {
     if [[ "$script" == gac_maze2d.py ]]; then
       maze=$(sed -E 's/.*--env-id ([a-z]+).*/\1/' <<<"$data")
       # the runs' own flags decide the data (--dataset-steps, --training-return hold, ...): made and cached once
-      echo "python -c \"import sys, gac_maze2d as g; g.load_training_data(g.tyro.cli(g.Args, args=sys.argv[1:]))\" --env-id $maze ${EXTRA[*]:-}" >>"$OUT/prepare.txt"
+      echo "python -c \"import sys, gac_maze2d as g; g.load_training_data(g.tyro.cli(g.Args, args=sys.argv[1:]))\" --env-id $maze$EXTRA_Q" >>"$PREPARE_FILE"
     elif [[ "$data" =~ --env-id\ ([A-Za-z0-9]+)\ --dataset\ d4rl-([a-z-]+) ]]; then
       env=${BASH_REMATCH[1]}
       level=${BASH_REMATCH[2]}
@@ -89,68 +113,104 @@ write_jobs() {
       # the node that runs it counts its own cores (a SLURM task); the dataset is the same for any number
       local make="generate --env-id $env --level $level --workers \$(env -u OMP_NUM_THREADS -u OMP_THREAD_LIMIT nproc)"
       [[ $level == medium-replay ]] && make="replay --env-id $env"  # from the SAC run's replay buffer
-      echo "[ -d \"\${MINARI_DATASETS_PATH:-\$HOME/.minari/datasets}/$id/data\" ] || python datasets/make_dataset.py $make" >>"$OUT/prepare.txt"
+      echo "[ -d \"\${MINARI_DATASETS_PATH:-\$HOME/.minari/datasets}/$id/data\" ] || python datasets/make_dataset.py $make" >>"$PREPARE_FILE"
     fi
     for seed in $SEEDS; do
-      local i job
-      i=$(wc -l <"$OUT/jobs.txt")
-      # the offline run; flags after -- come before --online-rounds 0 so that it wins
-      local log="$OUT/logs/${STAMP}_job${i}"  # the runs' output; collect finds their folders there
-      job="python $script $data --seed $seed --exp-name bench-offline ${EXTRA[*]:-} --online-rounds 0 --save-model"
-      job+=" >${log}_offline.log 2>&1 && dir=\$(sed -n 's/^run folder: //p' ${log}_offline.log) && {"
+      local i job log
+      i=$(wc -l <"$JOBS_FILE")
+      # the runs' output, quoted for the command line; collect finds their folders there
+      printf -v log '%q' "$OUT/logs/${STAMP}_job${i}"
+      # a SIGTERM (--deadline) reaches every run; the job then waits for them to write their metrics.json
+      job="trap wait TERM; python $script $data --seed $seed --exp-name bench-offline$EXTRA_Q"
+      job+=" --online-rounds 0 --save-model >${log}_offline.log 2>&1"  # after the flags of --, so that they win
+      job+=" && dir=\$(sed -n 's/^run folder: //p' ${log}_offline.log) && {"
       for variant in "${!VARIANTS[@]}"; do  # every variant of the table above
         # the variant's own flags after those given after --, so that they win
-        job+=" python $script $data --seed $seed --exp-name bench-$variant ${EXTRA[*]:-} ${VARIANTS[$variant]}"
-        job+=" --init-from \$dir >${log}_$variant.log 2>&1 &"
+        job+=" python $script $data --seed $seed --exp-name bench-$variant$EXTRA_Q${VARIANTS[$variant]:+ ${VARIANTS[$variant]}}"
+        job+=" --init-from \"\$dir\" >${log}_$variant.log 2>&1 &"
       done
-      echo "$job for p in \$(jobs -p); do wait \$p || s=1; done; exit \${s:-0}; }" | tr -s ' ' >>"$OUT/jobs.txt"
+      echo "$job for p in \$(jobs -p); do wait \$p || s=1; done; exit \${s:-0}; }" >>"$JOBS_FILE"
     done
   done
+  if [[ ! -s "$JOBS_FILE" ]]; then
+    rm -f "$JOBS_FILE" "$PREPARE_FILE"
+    usage_error "--only '$ONLY' matches no row of the grid: $(printf '\n  %s' "${GRID[@]}")"
+  fi
 }
 
 run_local() {
-  local gpus i=0
+  local i=0 failed="$OUT/logs/${STAMP}_failed.txt" devices=() gpus
   gpus=$( (nvidia-smi -L 2>/dev/null || true) | grep -c GPU || true)
-  if [[ -z "$JOBS" ]]; then  # one job (up to four runs at once) per GPU, or per two CPU cores without one
-    if ((gpus > 0)); then JOBS=$gpus; else JOBS=$((CPUS / 2 > 0 ? CPUS / 2 : 1)); fi
+  if [[ -n "${CUDA_VISIBLE_DEVICES:-}" ]]; then  # the GPUs this shell may use, not every GPU of the machine
+    IFS=, read -ra devices <<<"$CUDA_VISIBLE_DEVICES"
+  elif ((gpus > 0)); then
+    mapfile -t devices < <(seq 0 $((gpus - 1)))
   fi
-  echo "preparing datasets: $(wc -l <"$OUT/prepare.txt") commands"
-  while IFS= read -r cmd; do bash -c "$cmd" >>"$OUT/logs/prepare.log" 2>&1 & done <"$OUT/prepare.txt"
-  wait
-  echo "$(wc -l <"$OUT/jobs.txt") jobs (an offline run, then four variants), $JOBS at a time, logs in $OUT/logs"
+  if [[ -z "$JOBS" ]]; then  # one job (up to four runs at once) per GPU, or per two CPU cores without one
+    if ((${#devices[@]})); then JOBS=${#devices[@]}; else JOBS=$((CPUS / 2 > 0 ? CPUS / 2 : 1)); fi
+  fi
+  echo "preparing datasets: $(wc -l <"$PREPARE_FILE") commands"
+  local pids=() cmd p
+  while IFS= read -r cmd; do
+    bash -c "$cmd" >>"$OUT/logs/${STAMP}_prepare.log" 2>&1 &
+    pids+=($!)
+  done <"$PREPARE_FILE"
+  for p in "${pids[@]}"; do
+    wait "$p" || usage_error "a dataset could not be made (see $OUT/logs/${STAMP}_prepare.log)"
+  done
+  echo "$(wc -l <"$JOBS_FILE") jobs (an offline run, then four variants), $JOBS at a time, logs in $OUT/logs"
+  declare -A on_device=()  # GPU -> the pids of the jobs started on it
   while IFS= read -r cmd; do
     while (($(jobs -rp | wc -l) >= JOBS)); do wait -n || true; done
-    local device=() limit=()
-    ((gpus > 0)) && device=("CUDA_VISIBLE_DEVICES=$((i % gpus))")
-    if [[ -n "$DEADLINE" ]]; then  # SIGTERM at the deadline: the run still writes its metrics.json
+    local device=() limit=() best="" fewest="" d alive
+    for d in "${devices[@]}"; do  # the GPU that runs the fewest jobs now
+      alive=0
+      for p in ${on_device[$d]:-}; do kill -0 "$p" 2>/dev/null && alive=$((alive + 1)); done
+      if [[ -z "$fewest" ]] || ((alive < fewest)); then best=$d fewest=$alive; fi
+    done
+    [[ -n "$best" ]] && device=("CUDA_VISIBLE_DEVICES=$best")
+    if [[ -n "$DEADLINE" ]]; then  # SIGTERM at the deadline: the runs still write their metrics.json
       local left=$((DEADLINE - SECONDS))
-      ((left > 0)) || { echo "deadline reached: job $i and later not started" >&2; break; }
+      if ((left <= 0)); then
+        echo "deadline reached: job $i and later not started" >&2
+        echo "$i and later: not started" >>"$failed"
+        break
+      fi
       limit=(timeout "$left")
     fi
-    (env "${device[@]}" "${limit[@]}" bash -c "$cmd" >"$OUT/logs/${STAMP}_job$i.log" 2>&1 || echo "job $i ended early or failed (see $OUT/logs/${STAMP}_job${i}_*.log): $cmd" >&2) &
+    (env "${device[@]}" "${limit[@]}" bash -c "$cmd" >"$OUT/logs/${STAMP}_job$i.log" 2>&1 || {
+      echo "job $i ended early or failed (see $OUT/logs/${STAMP}_job${i}_*.log): $cmd" >&2
+      echo "$i" >>"$failed"
+    }) &
+    [[ -n "$best" ]] && on_device[$best]+=" $!"
     i=$((i + 1))
-  done <"$OUT/jobs.txt"
+  done <"$JOBS_FILE"
   wait
+  [[ ! -s "$failed" ]] || FAILED_JOBS=$(wc -l <"$failed")
 }
 
 run_slurm() {
-  local n
-  n=$(wc -l <"$OUT/jobs.txt")
-  cat >"$OUT/slurm_task.sh" <<EOF
+  local n out_abs
+  n=$(wc -l <"$JOBS_FILE")
+  [[ "$OUT" == /* ]] && out_abs=$OUT || out_abs=$PWD/$OUT
+  cat >"$OUT/slurm_task_$STAMP.sh" <<EOF
 #!/usr/bin/env bash
 #SBATCH --job-name=gac-benchmark
-#SBATCH --output=$PWD/$OUT/logs/slurm_%A_%a.log
-cd "$PWD"
-exec bash -c "\$(sed -n "\$((SLURM_ARRAY_TASK_ID + 1))p" "$OUT/jobs.txt")"
+#SBATCH --output="$out_abs/logs/slurm_%A_%a.log"
+cd $(printf '%q' "$PWD")
+exec bash -c "\$(sed -n "\$((SLURM_ARRAY_TASK_ID + 1))p" $(printf '%q' "$out_abs/jobs_$STAMP.txt"))"
 EOF
+  # a failed preparation cancels the array and the collection (--kill-on-invalid-dep) instead of leaving them pending
   # shellcheck disable=SC2086
-  prepare=$(sbatch --parsable --job-name=gac-prepare --output="$OUT/logs/prepare_%j.log" $SLURM_ARGS \
-    --wrap "cd '$PWD' && bash '$OUT/prepare.txt'")
+  prepare=$(sbatch --parsable --job-name=gac-prepare --output="$out_abs/logs/prepare_%j.log" $SLURM_ARGS \
+    --wrap "cd $(printf '%q' "$PWD") && bash -e $(printf '%q' "$out_abs/prepare_$STAMP.txt")")
   # shellcheck disable=SC2086
-  array=$(sbatch --parsable --dependency=afterok:"$prepare" --array=0-$((n - 1)) $SLURM_ARGS "$OUT/slurm_task.sh")
+  array=$(sbatch --parsable --dependency=afterok:"$prepare" --kill-on-invalid-dep=yes --array=0-$((n - 1)) \
+    $SLURM_ARGS "$OUT/slurm_task_$STAMP.sh")
   # shellcheck disable=SC2086
-  sbatch --parsable --dependency=afterany:"$array" --job-name=gac-collect --output="$OUT/logs/collect_%j.log" \
-    $SLURM_ARGS --wrap "cd '$PWD' && ./benchmark.sh --collect --out '$OUT'"
+  sbatch --parsable --dependency=afterany:"$array" --kill-on-invalid-dep=yes --job-name=gac-collect \
+    --output="$out_abs/logs/collect_%j.log" $SLURM_ARGS \
+    --wrap "cd $(printf '%q' "$PWD") && ./benchmark.sh --collect --out $(printf '%q' "$OUT")"
   echo "submitted $n runs as array $array; the collection runs when they have all ended"
 }
 
@@ -175,7 +235,7 @@ folders = set()
 for log in glob.glob(os.path.join(out, "logs", "*.log")):
     with open(log, errors="replace") as f:
         folders.update(line.removeprefix("run folder: ").strip() for line in f if line.startswith("run folder: "))
-groups = defaultdict(list)
+by_variant = defaultdict(list)
 for folder in sorted(folders):
     path = os.path.join(folder, "metrics.json")
     if not os.path.isfile(path):
@@ -185,9 +245,36 @@ for folder in sorted(folders):
     args = metrics.get("args", {})
     if args.get("exp_name") in ("bench-offline", "bench-speed") or "offline" not in metrics:
         continue  # the offline run the variants start from, --speed's run, or no evaluation yet
+    if metrics.get("status", "").startswith("failed"):  # a run stopped by --deadline keeps its finished rounds
+        print(f"left out: {folder}, {metrics['status']}")
+        continue
     machine = metrics.get("machine", metrics.get("device", "?"))  # seeds are averaged on one kind of machine only
     key = (metrics["script"], metrics["dataset_id"], args["exp_name"].removeprefix("bench-"), machine)
-    groups[key].append(metrics)
+    by_variant[key].append((os.path.getmtime(path), folder, metrics))
+
+# a row averages runs made with the same flags, one per seed (the newest): runs of one name with other flags (a grid
+# run again with other flags after --) get rows of their own, labelled by the flags that differ
+NOT_RESULTS = {"seed", "exp_name", "init_from", "resume", "save_model", "checkpoint_every", "log_every", "track",
+               "wandb_project_name", "wandb_entity", "async_envs"}  # fmt: skip
+groups = {}
+for (script, dataset, variant, machine), found in by_variant.items():
+    common = set.intersection(*(set(m["args"]) for _, _, m in found)) - NOT_RESULTS  # flags every run records
+    flag_sets = defaultdict(list)
+    for entry in found:
+        flag_sets[json.dumps({k: entry[2]["args"][k] for k in sorted(common)})].append(entry)
+    differ = sorted(k for k in common if len({json.dumps(json.loads(s)[k]) for s in flag_sets}) > 1)
+    for flags, entries in flag_sets.items():
+        label = variant
+        if differ:
+            values = json.loads(flags)
+            label += " (" + ", ".join(f"--{k.replace('_', '-')} {values[k]}" for k in differ) + ")"
+        newest = {}
+        for mtime, folder, metrics in sorted(entries, key=lambda entry: entry[0]):
+            seed = metrics["args"]["seed"]
+            if seed in newest:
+                print(f"left out: {newest[seed][0]}, an older run of seed {seed} of {variant} with the same flags")
+            newest[seed] = (folder, metrics)
+        groups[(script, dataset, label, machine)] = [metrics for _, metrics in newest.values()]
 if not groups:
     sys.exit(f"benchmark.sh: error: no finished run is named in {out}/logs/*.log (run ./benchmark.sh --out {out} "
              f"first; a run made by hand joins this table when its output is saved there, as {out}/logs/<name>.log)")
@@ -260,7 +347,8 @@ for (script, dataset, variant, machine), runs in sorted(groups.items()):
         offline_command += changed_defaults(script, offline_command, runs[0]["args"], offline_only=True)
         command = f"{offline_command}`, then `{command}"
     commands.append(f"- {script}, {dataset}, {variant}, {machine}: `{command}`")
-note = ("Wall time per run: the offline run the four variants share (data, offline training, its evaluation), "
+note = ("Scores: the mean over seeds of each run's mean score, +- the standard deviation over seeds (numpy's, ddof "
+        "0). Wall time per run: the offline run the four variants share (data, offline training, its evaluation), "
         "then the variant's own evaluation and online rounds; a seed's four variants ran at once, sharing a GPU or "
         "the CPU cores. "
         "Posteriors: the local posteriors' mean std after offline training and the latent dimensions whose posterior "
@@ -325,12 +413,14 @@ speed() {
     $make >"$OUT/logs/prepare.log" 2>&1 || { tail -n 5 "$OUT/logs/prepare.log"; exit 1; }
     echo "dataset made in $SECONDS s (not counted in the run's time below)"
   fi
-  local cmd="python gac_continuous.py --env-id Hopper --dataset d4rl-medium --exp-name bench-speed ${EXTRA[*]:-}"
+  local cmd="python gac_continuous.py --env-id Hopper --dataset d4rl-medium --exp-name bench-speed$EXTRA_Q"
+  local log="$OUT/logs/${STAMP}_speed.log"
   echo "$cmd"
-  bash -c "$cmd" >"$OUT/logs/speed.log" 2>&1 || { tail -n 5 "$OUT/logs/speed.log"; exit 1; }
-  python - <<'EOF'
-import glob, json, os
-path = max(glob.glob("runs/*__bench-speed__*/metrics.json"), key=os.path.getmtime)
+  bash -c "$cmd" >"$log" 2>&1 || { tail -n 5 "$log"; exit 1; }
+  python - "$log" <<'EOF'
+import json, os, sys
+folder = next(line.removeprefix("run folder: ").strip() for line in open(sys.argv[1]) if line.startswith("run folder: "))
+path = os.path.join(folder, "metrics.json")  # this run's, not the newest of its name
 m = json.load(open(path))
 t, s = m["timings_s"], m["throughput"]
 print(f"{path} on {m.get('machine', m['device'])}")
@@ -557,7 +647,6 @@ fit() {
 """Held-out fit: the ELBO of offline models (gac_continuous.py --save-model) on trajectories of a dataset, each model
 with one and the same inference, so that training settings compare by the models they leave, not by their own
 inner steps (a run's logged ELBO is measured after its inner steps on that very batch)."""
-import dataclasses
 import math
 import os
 import sys
@@ -570,6 +659,7 @@ import gac_continuous as g
 
 torch.set_num_threads(1)  # a matmul's sums depend on its threads: one thread, the same figures on any CPU
 dataset_id, paths = sys.argv[1], sys.argv[2:]
+sys.argv[0] = "benchmark.sh --fit"  # the name the script's one-line errors start with
 n_trajectories = int(os.environ.get("FIT_TRAJECTORIES", 256))
 steps, lr, noise_every, draws = 40, 0.05, 10, 8
 
@@ -592,10 +682,12 @@ for path in paths:
     path = os.path.join(path, "offline.pt") if os.path.isdir(path) else path
     if not os.path.isfile(path):
         sys.exit(f"benchmark.sh: error: no {path} (a run with --save-model writes offline.pt)")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    if set(checkpoint["args"]) - {f.name for f in dataclasses.fields(g.Args)}:
-        sys.exit(f"benchmark.sh: error: {path} is not a gac_continuous.py model")
+    checkpoint = g.load_checkpoint(path, "--fit", {"model", "args"})  # one line for a file that is none
     args = g.Args(**checkpoint["args"])
+    dims = tuple(checkpoint["model"][f"generator.embed_{x}.weight"].shape[1] for x in ("state", "action"))
+    if dims != (states[0].shape[1], actions[0].shape[1]):
+        sys.exit(f"benchmark.sh: error: {path} models {dims[0]} state and {dims[1]} action dimensions, {dataset_id} has "
+                 f"{states[0].shape[1]} and {actions[0].shape[1]}: give a dataset of the environment it was trained on")
     train_states = g.read_episodes(g.load_minari_dataset(g.resolve_dataset_id(args)))[0]
     normalize = g.StateNormalizer(np.concatenate(train_states))  # as the model was trained
     max_len = checkpoint["model"]["generator.embed_timestep.weight"].shape[0]
@@ -633,9 +725,18 @@ for path in paths:
 EOF
 }
 
+FAILED_JOBS=0
 case "$MODE" in
-  dry) write_jobs; cat "$OUT/prepare.txt" "$OUT/jobs.txt" ;;
-  local) write_jobs; run_local; collect ;;
+  dry) write_jobs; cat "$PREPARE_FILE" "$JOBS_FILE"; rm -f "$PREPARE_FILE" "$JOBS_FILE" ;;
+  local)
+    write_jobs
+    run_local
+    collect
+    if ((FAILED_JOBS)); then  # the table holds what the others finished
+      echo "benchmark.sh: $FAILED_JOBS job(s) failed or were stopped: see $OUT/logs/${STAMP}_failed.txt" >&2
+      exit 1
+    fi
+    ;;
   slurm) write_jobs; run_slurm ;;
   collect) collect ;;
   speed) speed ;;

@@ -1525,6 +1525,7 @@ if __name__ == "__main__":
                     last_log += time.time() - paused
         counts["train_tokens"] += float(tokens)  # since the last log
 
+    metrics["status"] = "running"  # then finished, stopped (SIGTERM, Ctrl-C) or failed: benchmark.sh leaves failed out
     try:
         # ---- offline: maximise the ELBO on the dataset ----
         if iteration < args.num_iterations:
@@ -1625,6 +1626,11 @@ if __name__ == "__main__":
             result |= {"round": round_index + 1, "target_score": 100 * target_y, "achieved_score": 100 * new_y.mean()}
             metrics.setdefault("online", []).append(result)
             checkpoint_now(round_index + 1)
+        metrics["status"] = "finished"
+    except BaseException as error:
+        stopped = isinstance(error, (KeyboardInterrupt, SystemExit))
+        metrics["status"] = "stopped" if stopped else f"failed: {type(error).__name__}: {error}".splitlines()[0]
+        raise
     finally:
         write_metrics()
         for envs in vector_envs.values():

@@ -13,8 +13,9 @@ from conftest import ROOT
 def test_dry_run_lists_every_script_dataset_variant_and_seed():
     result = subprocess.run(["bash", os.path.join(ROOT, "benchmark.sh"), "--dry-run", "--out", "/tmp/gac_bench_dry"],
                             capture_output=True, text=True, check=True)  # fmt: skip
-    jobs = [line for line in result.stdout.splitlines() if line.startswith("python gac_")]
+    jobs = [line for line in result.stdout.splitlines() if line.startswith("trap wait TERM; python gac_")]
     assert len(jobs) == 4 * 3  # (Hopper medium, medium-expert, umaze, medium) x seeds 1 2 3: offline, then variants
+    assert not [name for name in os.listdir("/tmp/gac_bench_dry") if name.startswith("jobs_")]  # a dry run writes none
     for job in jobs:
         offline, variants = job.split(" && dir=")
         assert "--exp-name bench-offline" in offline and "--online-rounds 0 --save-model >" in offline
@@ -22,7 +23,7 @@ def test_dry_run_lists_every_script_dataset_variant_and_seed():
         log = re.search(r">(\S+_job\d+)_offline.log 2>&1$", offline).group(1)
         assert variants.startswith(f"$(sed -n 's/^run folder: //p' {log}_offline.log) && {{")
         assert all(f">{log}_{variant}.log 2>&1 &" in variants for variant in ["gac", "prior", "fixed-target"])
-        assert variants.count("--init-from $dir") == 4 and variants.count(" & ") == 4
+        assert variants.count('--init-from "$dir"') == 4 and variants.count(" & ") == 4
         assert "--exploit-steps 0 --num-candidates 1" in variants and "--fixed-target 1.0" in variants
         assert "--exp-name bench-offline-data --online-fraction 0.0 --init-from" in variants
     assert sum("--seed 2 --exp-name bench-gac " in job for job in jobs) == 4
@@ -33,14 +34,31 @@ def test_dry_run_lists_every_script_dataset_variant_and_seed():
     only = ["--only", "d4rl-medium$", "--seeds", "1"]
     result = subprocess.run(["bash", os.path.join(ROOT, "benchmark.sh"), "--dry-run", "--out", "/tmp/gac_bench_dry",
                              *only], capture_output=True, text=True, check=True)  # fmt: skip
-    (job,) = [line for line in result.stdout.splitlines() if line.startswith("python gac_")]
+    (job,) = [line for line in result.stdout.splitlines() if "python gac_" in line]
     assert "--dataset d4rl-medium --seed 1" in job
     # flags after -- reach every run, but never undo a variant's own
     result = subprocess.run(["bash", os.path.join(ROOT, "benchmark.sh"), "--dry-run", "--out", "/tmp/gac_bench_dry",
-                             "--only", "umaze", "--seeds", "1", "--", "--exploit-steps", "7"],
+                             "--only", "umaze", "--seeds", "1", "--", "--exploit-steps", "7",
+                             "--wandb-entity", "my  team"],
                             capture_output=True, text=True, check=True)  # fmt: skip
-    (job,) = [line for line in result.stdout.splitlines() if line.startswith("python gac_")]
-    assert "--exploit-steps 7 --exploit-steps 0 --num-candidates 1 --init-from" in job
+    (job,) = [line for line in result.stdout.splitlines() if "python gac_" in line]
+    assert r"--exploit-steps 7 --wandb-entity my\ \ team --exploit-steps 0 --num-candidates 1 --init-from" in job
+
+
+def test_bad_options_get_one_line():
+    for options, expected in [
+        (["--jobs", "0"], "--jobs takes a positive integer, got '0'"),
+        (["--deadline", "10m"], "--deadline takes seconds"),
+        (["--seeds", "1,2"], "--seeds takes integers separated by spaces"),
+        (["--", "--seed", "4"], "the grid sets --seed for each of its runs"),
+        (["--", "--exp-name=mine"], "the grid sets --exp-name for each of its runs"),
+        (["--only", "walker"], "--only 'walker' matches no row of the grid"),
+        (["--slurm", "-p gpu", "--deadline", "60"], "under SLURM give its own options (--time)"),
+    ]:
+        result = subprocess.run(["bash", os.path.join(ROOT, "benchmark.sh"), "--dry-run", "--out",
+                                 "/tmp/gac_bench_dry", *options], capture_output=True, text=True)  # fmt: skip
+        assert result.returncode == 2 and result.stderr.startswith("benchmark.sh: error: "), options
+        assert expected in result.stderr and ".sh: line " not in result.stderr, result.stderr  # no bash error
 
 
 def fake_run(
@@ -183,6 +201,7 @@ import tyro
 @dataclass
 class Args:
     env_id: str = "umaze"
+    num_iterations: int = 5
 
 
 def load_training_data(args):  # what benchmark.sh's prepare step calls, once per maze
@@ -193,7 +212,7 @@ if __name__ == "__main__":
     argv = sys.argv[1:]
     flag = lambda name, default=None: argv[argv.index(name) + 1] if name in argv else default
     name, seed = flag("--exp-name"), int(flag("--seed"))
-    folder = f"runs/{flag('--env-id')}__{name}__{seed}__1795782113"
+    folder = f"runs/{flag('--env-id')}__{name}__{seed}__{1795782113 + int(flag('--num-iterations', 5)) - 5}"
     os.makedirs(folder)
     print("progress ...")
     print(f"run folder: {folder}")
@@ -204,9 +223,13 @@ if __name__ == "__main__":
         open(os.path.join(folder, "offline.pt"), "w").close()
     score = {"bench-offline": 50.0, "bench-gac": 60.0, "bench-prior": 40.0}.get(name, 55.0) + seed
     metrics = {"script": "gac_maze2d.py", "dataset_id": "x", "machine": "CPU", "command": " ".join(sys.argv),
-               "args": {"exp_name": name, "seed": seed, "online_rounds": 1}, "offline": {"score_mean": score},
-               "online": [{"score_mean": score + 1}], "timings_s": {"total": 1.0}}
+               "args": {"exp_name": name, "seed": seed, "online_rounds": 1,
+                        "num_iterations": int(flag("--num-iterations", 5))},
+               "offline": {"score_mean": score}, "online": [{"score_mean": score + 1}], "timings_s": {"total": 1.0}}
+    if os.environ.get("FAKE_FAIL") == name:  # a run that crashed in its online round
+        metrics |= {"status": "failed: RuntimeError: boom", "online": []}
     json.dump(metrics, open(os.path.join(folder, "metrics.json"), "w"))
+    sys.exit(1 if "status" in metrics else 0)
 '''
 
 
@@ -233,6 +256,21 @@ def test_a_local_grid_runs_each_job_then_collects_its_own_runs(tmp_path):
     assert set(logs) < set(os.listdir(tmp_path / "benchmark" / "logs"))  # added to, never overwritten
     row = next(line for line in (tmp_path / "README.md").read_text().splitlines() if "| gac |" in line)
     assert "| 1 2 3 | 62.0 +- 0.8 |" in row
+    # a job whose run fails: the grid says so in its exit status, and the failed run stays out of the table
+    result = subprocess.run(grid[:-4] + ["--seeds", "4"], cwd=tmp_path, capture_output=True, text=True,
+                            env=os.environ | {"FAKE_FAIL": "bench-gac"})  # fmt: skip
+    assert result.returncode == 1 and "1 job(s) failed or were stopped" in result.stderr, result.stderr
+    assert "left out: runs/umaze__bench-gac__4__1795782113, failed: RuntimeError: boom" in result.stdout
+    readme = (tmp_path / "README.md").read_text()
+    assert "| gac | 1 2 3 | 62.0 +- 0.8 |" in readme and "| prior | 1 2 3 4 |" in readme
+    # the same grid with other flags: rows of their own, not averaged with the first ones
+    result = subprocess.run(grid[:-4] + ["--seeds", "1", "--", "--num-iterations", "7"], cwd=tmp_path,
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    readme = (tmp_path / "README.md").read_text()
+    assert (
+        "| gac (--num-iterations 5) | 1 2 3 | 62.0 +- 0.8 |" in readme and "| gac (--num-iterations 7) | 1 |" in readme
+    )
 
 
 def test_micro_mode_times_every_part_at_small_size():
