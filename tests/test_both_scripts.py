@@ -1,5 +1,6 @@
 """The pieces that gac_continuous.py and gac_maze2d.py share line for line, each test run against both scripts."""
 
+import inspect
 import io
 import json
 import os
@@ -214,3 +215,18 @@ def test_a_file_that_is_no_checkpoint_gets_one_line(gac, tmp_path):
     for name in ("notes.pt", "list.pt"):
         with pytest.raises(SystemExit, match=f"--resume: .*{name} is not a checkpoint of this script"):
             gac.load_checkpoint(str(tmp_path / name), "--resume", gac.CHECKPOINT_KEYS)
+
+
+SHARED = """load_checkpoint claim_run_dir check_same_data describe_data load_offline_checkpoint dataset_is_local
+    local_or_downloaded episode_returns normalize_returns reference_scores StateNormalizer pad_trajectories valid_mask
+    stored_data_signature split_episodes Attention Block PriorEncoder TrajectoryGenerator GAC gaussian_log_prob
+    gaussian_kl free_bits_kl log_likelihoods fit_local_posteriors active_latent_dims sample_blocks sample_batch
+    last_draws to_device train_iteration exploit_plans exploration_target prior_exploration_targets explore_plans
+    ProgressBar act independent_seeds plot_inference_dynamics online_part save_checkpoint seed_everything""".split()
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_the_shared_pieces_are_the_same_in_both_scripts(name):
+    """Each script is complete on its own, so these pieces are written twice; the unit tests of gac_continuous.py's
+    copies cover gac_maze2d.py's only while the two stay the same, line for line."""
+    assert inspect.getsource(getattr(gac_continuous, name)) == inspect.getsource(getattr(gac_maze2d, name))

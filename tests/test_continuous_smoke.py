@@ -60,6 +60,11 @@ def test_end_to_end_offline_evaluation_and_one_online_round(minari_root, tmp_pat
         assert tag in tags["scalars"], tag
     assert "eval/inference_dynamics" in tags["images"]
     assert os.path.exists(os.path.join(run_dir, "inference_dynamics_20.png"))
+    # the tiny dataset's reference scores are 0 and 100: a normalised score x 100 is the return itself
+    scores, returns = scalars(run_dir, "eval/normalized_score"), scalars(run_dir, "eval/return")
+    assert len(scores) == 3 and [step for step, _ in scores] == [step for step, _ in returns]
+    for (_, score), (_, ret) in zip(scores, returns, strict=True):
+        assert score == pytest.approx(ret, rel=1e-5)
 
 
 @pytest.mark.parametrize("env_name", ["Walker2d", "HalfCheetah", "Ant"])
@@ -67,7 +72,7 @@ def test_the_other_environments_end_to_end(minari_root, tmp_path, env_name):
     """Walker2d falls, HalfCheetah never does (every evaluation episode runs to the time limit, far past the data's
     60-step episodes), Ant's observation has 105 dimensions; the run folder is named after the --dataset-id."""
     dataset_id = tiny_dataset_id(env_name)
-    make_tiny_dataset(dataset_id, episodes=8, env_name=env_name)
+    make_tiny_dataset(dataset_id, episodes=8, env_name=env_name, max_steps=60)
     result = run(TINY_FLAGS + ["--dataset-id", dataset_id, "--eval-every", "20"], cwd=tmp_path)
     run_dir = only_run_dir(tmp_path)
     assert f"run folder: runs/{os.path.basename(run_dir)}\n" in result.stdout  # how benchmark.sh finds it

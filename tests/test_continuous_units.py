@@ -1,5 +1,6 @@
 """Unit tests for the pieces of gac_continuous.py that can be wrong quietly."""
 
+import dataclasses
 import math
 
 import gymnasium as gym
@@ -59,7 +60,9 @@ def test_state_normaliser_standardises_and_keeps_constant_dimensions_finite():
     assert out.dtype == np.float32
     np.testing.assert_allclose(out[:, :2].mean(0), 0.0, atol=1e-4)
     np.testing.assert_allclose(out[:, :2].std(0), 1.0, atol=1e-4)
-    assert np.all(out[:, 2] == 0.0) and np.isfinite(normalize(np.array([[0.0, 0.0, 8.0]]))).all()
+    assert np.all(out[:, 2] == 0.0)
+    # a dimension constant in the data that moves online: divided by the floor 1e-3, large but finite
+    assert normalize(np.array([[5.0, 5.0, 8.0]], dtype=np.float32))[0, 2] == pytest.approx(1000.0)
 
 
 # ---- padding and masks ----
@@ -108,6 +111,11 @@ def test_free_bits_clamp_each_token_and_stop_its_gradient():
     (grad,) = torch.autograd.grad(total, kl)
     assert torch.all(grad[:, 0] == 0) and torch.allclose(grad[:, 1], torch.tensor(0.5))
     assert gac.free_bits_kl(kl, 0.0).item() == pytest.approx(0.3 + 4.0)
+    # the floor is on the batch average, not on each trajectory: a token at 0.2 and 2.2 nats (mean 1.2) is free of it
+    straddling = torch.tensor([[0.2], [2.2]], requires_grad=True)
+    assert gac.free_bits_kl(straddling, 1.0).item() == pytest.approx(1.2)  # 1.6 if each row were clamped first
+    (grad,) = torch.autograd.grad(gac.free_bits_kl(straddling, 1.0), straddling)
+    assert torch.allclose(grad, torch.tensor([[0.5], [0.5]]))
 
 
 # ---- the exploration target ----
@@ -183,6 +191,14 @@ def test_gradient_ascent_raises_the_expected_return():
     chosen = trace[-1, torch.arange(5), best]
     assert torch.equal(chosen, trace[-1].max(1).values)  # with no penalty the best is the highest E[y | z]
     torch.testing.assert_close(model.predicted_return(z0, s0), chosen, atol=1e-5, rtol=1e-5)
+    # the KL penalty lambda/2 ||z0||^2 pulls the plans towards the prior's mode, and ranks the candidates with E[y | z]
+    torch.manual_seed(1)
+    near, trace, best = gac.exploit_plans(model, s0, dataclasses.replace(args, exploit_kl_weight=1.0), gac_nullcontext)
+    assert near.pow(2).sum((1, 2)).mean() < z0.pow(2).sum((1, 2)).mean()
+    torch.manual_seed(1)
+    start = torch.randn(5 * 8, 3, 16)  # the same candidates before the ascent: the penalty shrank every one
+    candidates_norm = start.pow(2).sum((1, 2)).view(5, 8)
+    assert (near.pow(2).sum((1, 2)) < candidates_norm[torch.arange(5), best]).all()
 
 
 def test_prior_ablation_uses_one_unoptimised_prior_sample():
@@ -548,7 +564,16 @@ def test_a_bad_flag_and_an_unknown_env_end_with_one_line():
     with pytest.raises(SystemExit, match="valid: Hopper, Walker2d, HalfCheetah, Ant"):
         gac.resolve_dataset_id(gac.Args(env_id="Pendulum"))
     assert gac.resolve_dataset_id(gac.Args(env_id="walker2d", dataset="expert")) == "mujoco/walker2d/expert-v0"
-    assert math.isfinite(gac.LOG_SQRT_2PI)
+
+
+def test_gaussian_log_prob_is_the_normal_density():
+    x, mean = torch.randn(7, 3), torch.randn(7, 3)
+    log_std = torch.randn(3)
+    expected = torch.distributions.Normal(mean, log_std.exp()).log_prob(x)
+    torch.testing.assert_close(gac.gaussian_log_prob(x, mean, log_std), expected)
+    torch.testing.assert_close(
+        gac.gaussian_log_prob(x, mean, math.log(0.1)), torch.distributions.Normal(mean, 0.1).log_prob(x)
+    )
 
 
 def test_progress_bar_writes_its_line_to_a_log_before_the_loop_ends(capsys):
