@@ -1192,8 +1192,9 @@ if __name__ == "__main__":
         path = os.path.join(args.resume, "checkpoint.pt") if os.path.isdir(args.resume) else args.resume
         if not os.path.isfile(path):
             fail(f"--resume: no checkpoint at {path}")
+        defaults = asdict(Args())
         given = [("--no-" if value is False else "--") + name.replace("_", "-") for name, value in asdict(args).items()
-                 if name not in ("resume", "save_model") and value != getattr(Args(), name)]  # fmt: skip
+                 if name not in ("resume", "save_model") and value != defaults[name]]  # fmt: skip
         if given:  # they would be ignored
             fail(f"--resume continues a run with the flags it started with; leave out {' '.join(given)}")
         checkpoint = load_checkpoint(path, "--resume", CHECKPOINT_KEYS)
@@ -1263,7 +1264,7 @@ if __name__ == "__main__":
     }
     obs_dim, act_dim = dataset_states[0].shape[1], dataset_actions[0].shape[1]
     print(
-        f"{dataset_id}: {n_offline} episodes, {int(buffer.lengths.sum())} steps, "
+        f"{dataset_id}: {n_offline} episodes, {data_summary['steps']} steps, "
         f"dataset score {100 * buffer.y.mean():.1f} +- {100 * buffer.y.std():.1f}; normalisation: {normalisation}"
     )
     timings["data_loading"] = time.time() - run_start
