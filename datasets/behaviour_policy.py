@@ -174,9 +174,11 @@ def evaluate_policy(policy, env_name: str, episodes: int, seed: int, num_envs: i
 def main(args: Args):
     if args.env_id not in ENVS:
         fail(f"unknown --env-id {args.env_id!r}; valid: {', '.join(ENVS)}")
-    for name in ["total_steps", "snapshot_every", "eval_episodes", "batch_size", "policy_frequency"]:
+    for name in ["total_steps", "snapshot_every", "eval_episodes", "batch_size", "policy_frequency", "buffer_size"]:
         if getattr(args, name) < 1:
             fail(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    if args.stop_after is not None and args.stop_after < 1:
+        fail(f"--stop-after must be at least 1, got {args.stop_after}")
     run_dir = os.path.join(args.out_dir, args.env_id)
     snapshot_dir = os.path.join(run_dir, "snapshots")
     state_path = os.path.join(run_dir, "state.pt")
@@ -217,6 +219,10 @@ def main(args: Args):
     step, stored, episode_seed, snapshots = 0, 0, args.seed, []
     if args.resume:
         state = torch.load(state_path, map_location=device, weights_only=False)  # our own file: numpy buffer
+        now = {k: v for k, v in asdict(args).items() if k not in ("resume", "stop_after", "cuda")}
+        differ = [f"--{k.replace('_', '-')} {v}" for k, v in state["args"].items() if k in now and now[k] != v]
+        if differ:  # a run continues as it started (the buffer's size, the networks' width, ...)
+            fail(f"--resume: {state_path} was started with other flags; repeat them: {', '.join(differ)}")
         for module, key in [(actor, "actor"), (critics, "critics"), (targets, "targets")]:
             module.load_state_dict(state[key])
         actor_optimizer.load_state_dict(state["actor_optimizer"])
@@ -262,15 +268,33 @@ def main(args: Args):
     obs, _ = env.reset(seed=episode_seed)
     episode_return, episode_length = 0.0, 0
     actor_loss = torch.zeros(())
-    last_stop = step + args.stop_after if args.stop_after else args.total_steps
+    last_stop = step + args.stop_after if args.stop_after is not None else args.total_steps
     start, start_step = time.time(), step
     progress = Progress(
         TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
         TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
     )  # fmt: skip
+
+    def take_snapshot():
+        """The actor at this step, saved, evaluated and listed in snapshots.json (what make_dataset.py select reads)."""
+        path = os.path.join(snapshot_dir, f"step_{step}.pt")
+        save_atomic(path, actor_checkpoint(actor, env_name, step))
+        returns = evaluate_policy(
+            lambda o: actor.act(o, deterministic=True), env_name, args.eval_episodes, seed=10_000 + step
+        )
+        snapshots.append({"step": step, "path": path, "return_mean": float(returns.mean()),
+                          "return_std": float(returns.std()), "episodes": len(returns)})  # fmt: skip
+        with open(os.path.join(run_dir, "snapshots.json.tmp"), "w") as f:
+            json.dump(snapshots, f, indent=1)
+        os.replace(os.path.join(run_dir, "snapshots.json.tmp"), os.path.join(run_dir, "snapshots.json"))
+        writer.add_scalar("eval/return", returns.mean(), step)
+        progress.console.print(f"step {step}: deterministic return {returns.mean():.1f} +- {returns.std():.1f}")
+
     try:
         with progress:
             task = progress.add_task(f"SAC {env_name}", total=args.total_steps, completed=step, info="")
+            if step and step % args.snapshot_every == 0 and step not in {s["step"] for s in snapshots}:
+                take_snapshot()  # the last piece stopped after saving this snapshot, before evaluating it
             while step < min(args.total_steps, last_stop):
                 if step < args.learning_starts:
                     action = env.action_space.sample()
@@ -330,20 +354,7 @@ def main(args: Args):
                         writer.add_scalar("charts/steps_per_s", (step - start_step) / (time.time() - start), step)
 
                 if step % args.snapshot_every == 0:
-                    path = os.path.join(snapshot_dir, f"step_{step}.pt")
-                    save_atomic(path, actor_checkpoint(actor, env_name, step))
-                    returns = evaluate_policy(
-                        lambda o: actor.act(o, deterministic=True), env_name, args.eval_episodes, seed=10_000 + step
-                    )
-                    snapshots.append({"step": step, "path": path, "return_mean": float(returns.mean()),
-                                      "return_std": float(returns.std()), "episodes": len(returns)})  # fmt: skip
-                    with open(os.path.join(run_dir, "snapshots.json.tmp"), "w") as f:
-                        json.dump(snapshots, f, indent=1)
-                    os.replace(os.path.join(run_dir, "snapshots.json.tmp"), os.path.join(run_dir, "snapshots.json"))
-                    writer.add_scalar("eval/return", returns.mean(), step)
-                    progress.console.print(
-                        f"step {step}: deterministic return {returns.mean():.1f} +- {returns.std():.1f}"
-                    )
+                    take_snapshot()
                     save_state()
                 progress.advance(task)
     finally:

@@ -10,7 +10,9 @@
 D4RL's levels (the paper's tables are D4RL's): `expert` is the end of a SAC run (here its best snapshot: SAC's
 return swings from one snapshot to the next), `medium` the same run stopped early, when it first reached about a
 third of the expert's return (the first snapshot within 20% of that), `medium-expert` both datasets together,
-`medium-replay` every transition the run stored until it took the medium snapshot (random warm-up included).
+`medium-replay` every transition the run stored until it took the medium snapshot (random warm-up included). In
+`medium-expert` the expert part is rolled out with seeds of its own, so it is another sample of the expert policy
+than the `expert` dataset (D4RL's is the same episodes).
 They are stored as `gac-regenerated/mujoco/<env>/d4rl-<level>-v0`, never under Minari's own ids (Minari's
 `mujoco/hopper/medium-v0` returns ~3,480, far above D4RL's medium). Reference scores: min = a uniformly random
 policy, max = the expert policy (deterministic), 100 episodes each on the evaluation environment.
@@ -181,6 +183,11 @@ def write_dataset(dataset_id: str, episodes: list[dict], env_name: str, ref_min:
 
 
 def fail_if_exists(dataset_id: str):
+    """One line, before any rollout, for an id that Minari would refuse at the end or that is taken."""
+    try:
+        minari.dataset.minari_dataset.parse_dataset_id(dataset_id)
+    except (TypeError, ValueError):
+        fail(f"--dataset-id {dataset_id!r} is not a Minari id: namespace/name-v<version>, e.g. test/hopper/mine-v0")
     if os.path.isdir(minari.storage.get_dataset_path(dataset_id)):
         fail(f"{dataset_id} exists at {minari.storage.get_dataset_path(dataset_id)}; delete it to regenerate")
 
@@ -218,10 +225,10 @@ class Generate:
     steps: int = 1_000_000
     """transitions per policy (medium-expert: twice this)"""
     num_envs: int = 10
-    """environments per worker"""
+    """environments of each of the 16 chunks (another number makes another dataset)"""
     workers: int = 1
-    """processes that roll out the 16 chunks of the steps (chunk k: seeds from seed + 1000 k, its trailing partial
-    episode dropped); the dataset is the same for any number"""
+    """processes that roll out the 16 chunks of the steps (chunk k: seeds from seed + 1000 k, the episodes still
+    running when its steps run out dropped); the dataset is the same for any number"""
     seed: int = 0
     ref_episodes: int = 100
     """episodes of the random and the expert policy for the reference scores"""
@@ -248,6 +255,9 @@ class Replay:
 def select(args: Select):
     if args.env_id not in ENVS:
         fail(f"unknown --env-id {args.env_id!r}; valid: {', '.join(ENVS)}")
+    if args.candidates < 2 or args.episodes < 1:
+        fail(f"--candidates must be at least 2 (the best and a medium) and --episodes at least 1, got "
+             f"{args.candidates} and {args.episodes}")  # fmt: skip
     table_path = os.path.join(args.run_dir, args.env_id, "snapshots.json")
     if not os.path.exists(table_path):
         fail(f"no {table_path}: train first with python datasets/behaviour_policy.py --env-id {args.env_id}")
@@ -291,8 +301,9 @@ def select(args: Select):
 def generate(args: Generate):
     if args.env_id not in ENVS:
         fail(f"unknown --env-id {args.env_id!r}; valid: {', '.join(ENVS)}")
-    if args.workers < 1 or args.steps < 1 or args.num_envs < 1:
-        fail(f"--workers, --steps and --num-envs must be at least 1, got {args.workers}, {args.steps}, {args.num_envs}")
+    if min(args.workers, args.steps, args.num_envs, args.ref_episodes) < 1:
+        fail(f"--workers, --steps, --num-envs and --ref-episodes must be at least 1, got {args.workers}, {args.steps}, "
+             f"{args.num_envs}, {args.ref_episodes}")  # fmt: skip
     if args.level not in LEVELS:
         fail(f"unknown --level {args.level!r}; valid: {', '.join(LEVELS)}")
     env_name = ENVS[args.env_id]
@@ -338,6 +349,8 @@ def generate(args: Generate):
 def replay(args: Replay):
     if args.env_id not in ENVS:
         fail(f"unknown --env-id {args.env_id!r}; valid: {', '.join(ENVS)}")
+    if args.ref_episodes < 1:
+        fail(f"--ref-episodes must be at least 1, got {args.ref_episodes}")
     table = read_policy_table(args.policy_dir)
     medium = table.get(f"{args.env_id}-medium")
     if medium is None or not os.path.exists(policy_path(args.env_id, "expert", args.policy_dir)):
@@ -347,9 +360,9 @@ def replay(args: Replay):
     state_path = os.path.join(args.run_dir, args.env_id, "state.pt")
     if not os.path.exists(state_path):
         fail(f"no {state_path}: medium-replay is the replay buffer of the SAC run that made the levels; on another "
-             f"machine, train one to the medium step first: python datasets/behaviour_policy.py --env-id "
-             f"{args.env_id} --total-steps {medium['run_total_steps']} --stop-after {medium['sac_step']}, then "
-             f"select its levels again")  # fmt: skip
+             f"machine, train one to the medium step (python datasets/behaviour_policy.py --env-id {args.env_id} "
+             f"--total-steps {medium['run_total_steps']} --stop-after {medium['sac_step']}) and replay it without "
+             f"select, or train a whole run and select its levels into a --policy-dir of your own")  # fmt: skip
     start = time.time()
     state = torch.load(state_path, map_location="cpu", weights_only=False)  # behaviour_policy.py's own file
     steps, stored = medium["sac_step"], state["stored"]

@@ -54,6 +54,12 @@ def test_train_select_generate_and_load_back(tmp_path, minari_root):
 
     train = ["--env-id", "Hopper", "--learning-starts", "300", "--snapshot-every", "300", "--eval-episodes", "2"]
     run("behaviour_policy.py", *train, "--total-steps", "900", "--stop-after", "600")
+    listed = tmp_path / "runs/behaviour/Hopper/snapshots.json"  # as if stopped while it evaluated step 600's snapshot
+    listed.write_text(json.dumps(json.load(open(listed))[:-1]))
+    wider = subprocess.run([sys.executable, os.path.join(ROOT, "datasets", "behaviour_policy.py"), *train,
+                            "--total-steps", "900", "--resume", "--hidden", "8"], cwd=tmp_path, capture_output=True,
+                           text=True)  # fmt: skip
+    assert wider.returncode != 0 and "started with other flags; repeat them: --hidden 256" in wider.stderr
     run("behaviour_policy.py", *train, "--total-steps", "900", "--resume")  # a run chained in two pieces
     snapshots = json.load(open(tmp_path / "runs/behaviour/Hopper/snapshots.json"))
     assert [s["step"] for s in snapshots] == [300, 600, 900]
