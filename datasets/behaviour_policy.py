@@ -236,6 +236,8 @@ def main(args: Args):
         random.setstate(state["python_rng"])
         np.random.set_state(state["numpy_rng"])
         torch.set_rng_state(state["torch_rng"])
+        if device.type == "cuda" and "cuda_rng" in state:  # the actor's sampling noise on the GPU
+            torch.cuda.set_rng_state(state["cuda_rng"].cpu(), device)
         env.action_space.seed(args.seed + step)
         print(f"resumed {run_dir} at step {step}")
     if os.path.exists(os.path.join(run_dir, "snapshots.json")):
@@ -262,7 +264,7 @@ def main(args: Args):
                 "buffer": {key: value[:n] for key, value in buffer.items()},
                 "python_rng": random.getstate(), "numpy_rng": np.random.get_state(), "torch_rng": torch.get_rng_state(),
                 "args": asdict(args),
-            },
+            } | ({"cuda_rng": torch.cuda.get_rng_state(device)} if device.type == "cuda" else {}),
         )  # fmt: skip
 
     obs, _ = env.reset(seed=episode_seed)
