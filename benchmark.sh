@@ -134,7 +134,7 @@ write_jobs() {
   done
   if [[ ! -s "$JOBS_FILE" ]]; then
     rm -f "$JOBS_FILE" "$PREPARE_FILE"
-    usage_error "--only '$ONLY' matches no row of the grid: $(printf '\n  %s' "${GRID[@]}")"
+    usage_error "--only '$ONLY' matches no row of the grid ($(printf '%s; ' "${GRID[@]}" | sed 's/; $//'))"
   fi
 }
 

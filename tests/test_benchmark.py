@@ -58,6 +58,7 @@ def test_bad_options_get_one_line():
         result = subprocess.run(["bash", os.path.join(ROOT, "benchmark.sh"), "--dry-run", "--out",
                                  "/tmp/gac_bench_dry", *options], capture_output=True, text=True)  # fmt: skip
         assert result.returncode == 2 and result.stderr.startswith("benchmark.sh: error: "), options
+        assert len(result.stderr.splitlines()) == 1, result.stderr
         assert expected in result.stderr and ".sh: line " not in result.stderr, result.stderr  # no bash error
 
 
