@@ -522,7 +522,7 @@ def regenerate_dataset(maze: str, steps: int, dataset_id: str) -> minari.MinariD
             successes.append(info["success"])
             if step % 10_000 == 0:
                 progress.update(task, completed=step, info=f"{sum(successes)} goals reached")
-        progress.update(task, completed=steps)
+        progress.update(task, completed=steps, info=f"{sum(successes)} goals reached")
     observations = {key: np.array(value) for key, value in observations.items()}
     actions, rewards = np.array(actions, dtype=np.float32), np.array(rewards)
     ends = np.flatnonzero(successes) + 1  # an episode ends at every success, the trailing partial one at the end
