@@ -1789,6 +1789,7 @@ if __name__ == "__main__":
         "machine": machine,
         "evaluations": [],
     }
+    online_final_states = np.zeros((0, obs_dim), np.float32)  # each online trajectory's s_T, for the route index
     if checkpoint is not None:
         check_same_data(checkpoint, path, "--resume", dataset_id, data_summary)
         model.load_state_dict(checkpoint["model"])
@@ -1797,9 +1798,12 @@ if __name__ == "__main__":
         online = checkpoint["online_buffer"]
         if online["lengths"].numel():
             buffer = buffer.append(TrajectoryBuffer(**{k: v.to(device) for k, v in online.items()}))
-            # the online episodes are training routes too, as they were in the run that collected them
+            # the online episodes are training routes too, as they were in the run that collected them; a checkpoint
+            # from before their final states were kept repeats s_{T-1}, which leaves a route as it was
             trajectories = [s[:n].numpy() for s, n in zip(online["states"], online["lengths"], strict=True)]
-            training_routes += "#" + routes_of(raw_states(trajectories))
+            finals = checkpoint.get("online_final_states")
+            online_final_states = np.stack([s[-1] for s in trajectories]) if finals is None else finals.numpy()
+            training_routes += "#" + routes_of(raw_states(with_final_states(trajectories, online_final_states)))
         posterior_mu = checkpoint["posterior_mu"].to(device)
         posterior_logvar = checkpoint["posterior_logvar"].to(device)
         generator.set_state(checkpoint["generator_state"])
@@ -1875,6 +1879,7 @@ if __name__ == "__main__":
                 "posterior_mu": posterior_mu.cpu(),
                 "posterior_logvar": posterior_logvar.cpu(),
                 "online_buffer": online_part(buffer, n_offline),
+                "online_final_states": torch.as_tensor(online_final_states),
                 "generator_state": generator.get_state(),
                 "sampler_state": sampler.get_state(),
                 "torch_rng_state": torch.get_rng_state(),
@@ -2144,8 +2149,10 @@ if __name__ == "__main__":
             new_mu = torch.stack([p["z0"] for p in episodes["plan"]])
             posterior_mu = torch.cat([posterior_mu, new_mu])
             posterior_logvar = torch.cat([posterior_logvar, torch.full_like(new_mu, args.posterior_init_logvar)])
-            # the routes the model now trains on: the novel-route analysis compares with these too
-            training_routes += "#" + routes_of(raw_states(episodes["states"]))
+            # the routes the model now trains on, to their final states: the novel-route analysis compares with these
+            finals = np.stack(episodes["final_states"])
+            online_final_states = np.concatenate([online_final_states, finals])
+            training_routes += "#" + routes_of(raw_states(with_final_states(episodes["states"], finals)))
             timings["online_collection"] += time.time() - start
             # at the first update that trains on them: a resume from the checkpoint before them purges them
             for key, value in {

@@ -226,6 +226,12 @@ def test_end_to_end_regenerates_then_reuses_the_dataset(minari_root, tmp_path):
     for name in ["success_by_start_cell_offline.png", "plan_map_round_1.png", "inference_dynamics_10.png"]:
         assert (run_dir / name).exists(), name
     assert (run_dir / "offline.pt").exists() and (run_dir / "checkpoint.pt").exists()
+    # the online episodes' final states s_T are kept for the route index (the buffer holds s_0..s_{T-1})
+    saved = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    finals, online = saved["online_final_states"], saved["online_buffer"]
+    assert finals.shape == (4, 6)
+    last = online["states"][torch.arange(4), online["lengths"] - 1]
+    assert not (finals == last).all(1).any()  # a step further than the last stored state
     # the prior ablation from the same offline model, on the cached dataset
     prior = [*flags, "--online-rounds", "0", "--exploit-steps", "0", "--num-candidates", "1", "--exp-name", "prior"]
     second = subprocess.run([sys.executable, script, *prior, "--init-from", str(run_dir)], cwd=tmp_path,
