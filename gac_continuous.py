@@ -1463,9 +1463,12 @@ if __name__ == "__main__":
         writer.add_scalar("eval/episode_length", result["length_mean"], iteration)
         writer.add_scalar("eval/predicted_score", result["predicted_score_mean"], iteration)
         chosen = trace[:, torch.arange(trace.shape[1]), best]
-        for step in range(trace.shape[0]):  # one curve per evaluation: predicted y against the ascent step
-            writer.add_scalar(f"inference/iteration_{iteration}/chosen_y", chosen[step].mean(), step)
-            writer.add_scalar(f"inference/iteration_{iteration}/candidates_y", trace[step].mean(), step)
+        # predicted y against the ascent step, one TensorBoard run per evaluation (their curves overlay in one chart);
+        # purge_step=0: a resumed run that evaluates at this iteration again replaces what the killed one wrote here
+        with SummaryWriter(os.path.join(run_dir, "inference", f"iteration_{iteration}"), purge_step=0) as curves:
+            for step in range(trace.shape[0]):
+                curves.add_scalar("inference/chosen_y", chosen[step].mean(), step)
+                curves.add_scalar("inference/candidates_y", trace[step].mean(), step)
         figure = plot_inference_dynamics(trace, best, scores / 100)
         figure.savefig(os.path.join(run_dir, f"inference_dynamics_{iteration}.png"))
         writer.add_figure("eval/inference_dynamics", figure, iteration)
