@@ -54,22 +54,22 @@ while (($#)); do
     *) echo "benchmark.sh: error: unknown option $1 (see --help)" >&2; exit 2 ;;
   esac
 done
-usage_error() {
+fail() {
   echo "benchmark.sh: error: $*" >&2
   exit 2
 }
-[[ -z "$JOBS" || "$JOBS" =~ ^[1-9][0-9]*$ ]] || usage_error "--jobs takes a positive integer, got '$JOBS'"
-[[ -z "$DEADLINE" || "$DEADLINE" =~ ^[1-9][0-9]*$ ]] || usage_error "--deadline takes seconds (an integer), got '$DEADLINE'"
-[[ "$SEEDS" =~ ^\ *[0-9]+(\ +[0-9]+)*\ *$ ]] || usage_error "--seeds takes integers separated by spaces (\"1 2 3\"), got '$SEEDS'"
+[[ -z "$JOBS" || "$JOBS" =~ ^[1-9][0-9]*$ ]] || fail "--jobs takes a positive integer, got '$JOBS'"
+[[ -z "$DEADLINE" || "$DEADLINE" =~ ^[1-9][0-9]*$ ]] || fail "--deadline takes seconds (an integer), got '$DEADLINE'"
+[[ "$SEEDS" =~ ^\ *[0-9]+(\ +[0-9]+)*\ *$ ]] || fail "--seeds takes integers separated by spaces (\"1 2 3\"), got '$SEEDS'"
 if [[ $MODE == slurm && -n "$DEADLINE$JOBS" ]]; then
-  usage_error "--deadline and --jobs act on a grid run here; under SLURM give its own options (--time) to --slurm"
+  fail "--deadline and --jobs act on a grid run here; under SLURM give its own options (--time) to --slurm"
 fi
-[[ -z "$DEADLINE" || $MODE == local ]] || usage_error "--deadline stops the runs of a grid run here (no --$MODE)"
+[[ -z "$DEADLINE" || $MODE == local ]] || fail "--deadline stops the runs of a grid run here (no --$MODE)"
 if [[ $MODE == local || $MODE == slurm || $MODE == dry ]]; then
   for flag in "${EXTRA[@]}"; do  # the grid names each run: given after --, they would merge its rows
     case "$flag" in
       --seed | --seed=* | --exp-name | --exp-name=* | --init-from* | --resume*)
-        usage_error "the grid sets ${flag%%=*} for each of its runs: leave it out of the flags after --" ;;
+        fail "the grid sets ${flag%%=*} for each of its runs: leave it out of the flags after --" ;;
     esac
   done
 fi
@@ -134,7 +134,7 @@ write_jobs() {
   done
   if [[ ! -s "$JOBS_FILE" ]]; then
     rm -f "$JOBS_FILE" "$PREPARE_FILE"
-    usage_error "--only '$ONLY' matches no row of the grid ($(printf '%s; ' "${GRID[@]}" | sed 's/; $//'))"
+    fail "--only '$ONLY' matches no row of the grid ($(printf '%s; ' "${GRID[@]}" | sed 's/; $//'))"
   fi
 }
 
@@ -156,7 +156,7 @@ run_local() {
     pids+=($!)
   done <"$PREPARE_FILE"
   for p in "${pids[@]}"; do
-    wait "$p" || usage_error "a dataset could not be made (see $OUT/logs/${STAMP}_prepare.log)"
+    wait "$p" || fail "a dataset could not be made (see $OUT/logs/${STAMP}_prepare.log)"
   done
   echo "$(wc -l <"$JOBS_FILE") jobs (an offline run, then four variants), $JOBS at a time, logs in $OUT/logs"
   declare -A on_device=()  # GPU -> the pids of the jobs started on it
@@ -262,12 +262,12 @@ for (script, dataset, variant, machine), found in by_variant.items():
     flag_sets = defaultdict(list)
     for entry in found:
         flag_sets[json.dumps({k: entry[2]["args"][k] for k in sorted(common)})].append(entry)
-    differ = sorted(k for k in common if len({json.dumps(json.loads(s)[k]) for s in flag_sets}) > 1)
+    values = {flags: json.loads(flags) for flags in flag_sets}
+    differ = sorted(k for k in common if len({json.dumps(v[k]) for v in values.values()}) > 1)
     for flags, entries in flag_sets.items():
         label = variant
         if differ:
-            values = json.loads(flags)
-            label += " (" + ", ".join(f"--{k.replace('_', '-')} {values[k]}" for k in differ) + ")"
+            label += " (" + ", ".join(f"--{k.replace('_', '-')} {values[flags][k]}" for k in differ) + ")"
         newest = {}
         for mtime, folder, metrics in sorted(entries, key=lambda entry: entry[0]):
             seed = metrics["args"]["seed"]
@@ -642,7 +642,7 @@ EOF
 }
 
 fit() {
-  ((${#EXTRA[@]})) || { echo "benchmark.sh: error: --fit <dataset-id> -- <run folders or offline.pt files>" >&2; exit 2; }
+  ((${#EXTRA[@]})) || fail "--fit <dataset-id> -- <run folders or offline.pt files>"
   OMP_NUM_THREADS=1 python - "$FIT_DATA" "${EXTRA[@]}" <<'EOF'
 """Held-out fit: the ELBO of offline models (gac_continuous.py --save-model) on trajectories of a dataset, each model
 with one and the same inference, so that training settings compare by the models they leave, not by their own
