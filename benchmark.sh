@@ -365,7 +365,8 @@ print(table)
 
 name = os.path.basename(os.path.normpath(out))  # --out benchmark-cpu fills the block <!-- benchmark-cpu:start -->
 start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
-for document in ["README.md", *sorted(glob.glob("docs/*.md"))]:  # wherever the block is
+in_repository = os.path.dirname(os.path.abspath(out)) == os.getcwd()  # not some/other/benchmark: its own table only
+for document in ["README.md", *sorted(glob.glob("docs/*.md"))] if in_repository else []:  # wherever the block is
     text = open(document).read()
     if start in text and end in text:
         before, rest = text.split(start, 1)

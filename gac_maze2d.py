@@ -195,6 +195,10 @@ class Args:
     """Adam steps of the variational fit of p(z0 | y+, s0)"""
     explore_lr: float = 0.05
     """Adam learning rate of that fit"""
+    explore_actions: str = "mean"
+    """how exploration episodes act on their plans: "mean" (the generator's mean action, as evaluation does) or
+    "sample" (draws from p_beta(a_t | s_t, ..., z), the generative model's own spread, as the Online Decision
+    Transformer explores)"""
     num_envs: int = 50
     """environments stepped together at most; an evaluation or a round of fewer episodes steps one per episode"""
     async_envs: bool = False
@@ -214,7 +218,8 @@ def fail(message: str):
 AFTER_OFFLINE_FLAGS = """exp_name seed torch_deterministic cuda track wandb_project_name wandb_entity save_model
     resume init_from num_candidates exploit_steps exploit_lr exploit_kl_weight replan_every eval_episodes eval_every
     analysis_episodes online_rounds episodes_per_round online_iterations online_fraction quantile delta_y
-    target_from fixed_target explore_steps explore_lr num_envs async_envs checkpoint_every log_every""".split()
+    target_from fixed_target explore_steps explore_lr explore_actions num_envs async_envs checkpoint_every
+    log_every""".split()
 
 
 # what a resumed run reads from its checkpoint (an --init-from run needs no random-number states)
@@ -309,6 +314,8 @@ def check_args(args: Args):
         fail(f"--replan-every must be 0 or a multiple of --context-len ({args.context_len}), got {args.replan_every}")
     if args.time_embedding not in ("absolute", "block"):
         fail(f"--time-embedding must be absolute or block, got {args.time_embedding!r}")
+    if args.explore_actions not in ("mean", "sample"):
+        fail(f"--explore-actions must be mean or sample, got {args.explore_actions!r}")
     if args.target_from not in ("buffer", "prior"):
         fail(f"--target-from must be buffer or prior, got {args.target_from!r}")
     if args.sample_by not in ("length", "uniform"):
@@ -1037,6 +1044,10 @@ class TrajectoryGenerator(nn.Module):
             x = block(x, plan_tokens, cache=(cache, position, visible[:, None]))
         return self.action_head(self.ln_f(x[:, 1]))  # a_t is read from the s_t token
 
+    def action_log_std_floored(self) -> torch.Tensor:
+        """log std of p(a_t | ...): learnt, one per action dimension, floored at -5 (std 0.007)."""
+        return self.action_log_std.clamp(min=-5.0)
+
     def action_head(self, x: torch.Tensor) -> torch.Tensor:
         """tanh(W x + b) in float32 under bf16 autocast too: bf16 would round the mean by up to 0.4 %, coarse next
         to a trained policy's std (down to e^-5 = 0.007)."""
@@ -1108,7 +1119,7 @@ def log_likelihoods(model: GAC, z0, s0, states, actions, timesteps, mask, y, ret
     `blocks`: the generator's blocks that hold valid steps (see TrajectoryGenerator.forward); default all."""
     return_tokens, plan_tokens = model.plan(z0, s0)
     action_mean = model.generator(states, actions, timesteps, plan_tokens, blocks).float()
-    log_std = model.generator.action_log_std.clamp(min=-5.0)
+    log_std = model.generator.action_log_std_floored()
     action_ll = (gaussian_log_prob(actions, action_mean, log_std).sum(-1) * mask).sum(1)
     y_hat = model.expected_return(return_tokens)
     return_ll = gaussian_log_prob(y, y_hat, math.log(return_std))
@@ -1378,9 +1389,24 @@ class ProgressBar(Progress):
 
 
 @torch.no_grad()
-def act(model: GAC, states, previous_actions, t, plan_tokens, caches: list[dict], autocast) -> torch.Tensor:
+def act(
+    model: GAC,
+    states,
+    previous_actions,
+    t,
+    plan_tokens,
+    caches: list[dict],
+    autocast,
+    noise: torch.Generator | None = None,
+) -> torch.Tensor:
+    """The next actions: the mean of p_beta(a_t | s_t, the block so far, z), or with a `noise` generator a draw from
+    it, N(mean, std^2) clipped to the action box [-1, 1]."""
     with autocast():
-        return model.generator.step(states, previous_actions, t, plan_tokens, caches).float()
+        mean = model.generator.step(states, previous_actions, t, plan_tokens, caches).float()
+    if noise is None:
+        return mean
+    std = model.generator.action_log_std_floored().exp()
+    return (mean + std * torch.randn(mean.shape, generator=noise, device=mean.device)).clamp(-1.0, 1.0)
 
 
 def independent_seeds(key: int | list[int], n: int) -> list[int]:
@@ -1400,6 +1426,7 @@ def rollout(
     autocast,
     description: str,
     replan_every: int = 0,
+    action_noise: torch.Generator | None = None,
 ) -> dict:
     """Runs exactly `num_episodes` episodes, env i running a fixed quota of them (so short episodes are not
     over-represented), each with one plan chosen at its reset by `choose_plan(s0) -> (z0, info)`, and with
@@ -1411,8 +1438,9 @@ def rollout(
     Environment i is seeded once, at the first reset, with the i-th of `independent_seeds(seed, N)`; its later
     episodes follow from its own generator. The vector env autoresets in the same step (Gymnasium 1.x SAME_STEP
     mode): the observation returned with a done flag is the next episode's s0, and every `step` call is one real
-    step of every env, so no step is lost or doubled. Actions are the generator's mean, acting on the real observed
-    states (closed loop), with the block-causal context the model was trained with."""
+    step of every env, so no step is lost or doubled. Actions are the generator's mean (with an `action_noise`
+    generator, draws from its Gaussian), acting on the real observed states (closed loop), with the block-causal
+    context the model was trained with."""
     device = next(model.parameters()).device
     N = envs.num_envs
     quota = np.array([num_episodes // N + (i < num_episodes % N) for i in range(N)])
@@ -1438,7 +1466,8 @@ def rollout(
     with ProgressBar() as progress:
         task = progress.add_task(description, total=num_episodes, info="")
         while (finished < quota).any():
-            action = act(model, states, action, torch.as_tensor(t, device=device), plan_tokens, caches, autocast)
+            time_steps = torch.as_tensor(t, device=device)
+            action = act(model, states, action, time_steps, plan_tokens, caches, autocast, action_noise)
             action_np = action.cpu().numpy()  # in [-1, 1]: recorded, and the next step's a_{t-1}, as in training
             for i in range(N):
                 trajectory[i]["states"].append(states_np[i])
@@ -2119,6 +2148,9 @@ if __name__ == "__main__":
 
             key = [args.seed, 2, round_index]  # this round's own random numbers
             plans = torch.Generator(device=device).manual_seed(independent_seeds(key + [0], 1)[0])
+            noise = None
+            if args.explore_actions == "sample":
+                noise = torch.Generator(device=device).manual_seed(independent_seeds(key + [2], 1)[0])
 
             def choose_plan(s0, target_y=target_y, plans=plans):
                 if target_y is None:
@@ -2137,6 +2169,7 @@ if __name__ == "__main__":
                 autocast=autocast,
                 description=f"round {round_index + 1}: explore"
                 + (f" (y+ = {100 * target_y:.1f})" if target_y is not None else " (y+ per start)"),
+                action_noise=noise,
             )
             target_y = float(torch.stack([p["target_y"] for p in episodes["plan"]]).mean())  # per-episode ones: mean
             new_returns = np.array(episodes["returns_raw"])

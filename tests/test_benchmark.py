@@ -162,6 +162,14 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
     (cpu_row,) = [line for line in notes.splitlines() if "| gac_maze2d.py |" in line]
     assert "| gac | 3 | 0.0 +- 0.0 |" in cpu_row  # its own run only
     assert (tmp_path / "benchmark-cpu" / "results.md").exists()
+    # a folder named benchmark elsewhere writes its own results.md, no block of this repository's documents
+    shutil.copytree(tmp_path / "benchmark" / "logs", tmp_path / "elsewhere" / "benchmark" / "logs")
+    result = subprocess.run(["bash", str(tmp_path / "benchmark.sh"), "--collect", "--out",
+                             str(tmp_path / "elsewhere" / "benchmark")], cwd=tmp_path / "docs",
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "README.md").read_text() == readme and "updated" not in result.stdout
+    assert "| gac | 1 2 |" in (tmp_path / "elsewhere" / "benchmark" / "results.md").read_text()
 
 
 def test_speed_mode_makes_its_dataset_then_says_where_the_time_went(tmp_path):

@@ -3,6 +3,7 @@
 import inspect
 import io
 import json
+import math
 import os
 import re
 from contextlib import nullcontext
@@ -100,6 +101,31 @@ def test_acting_step_by_step_reproduces_the_training_conditionals(gac, time_embe
     assert caches[0]["k"].shape[1] == 2 * 4  # one block of (s, a) tokens is stored, not the episode
 
 
+def test_sampled_actions_are_draws_from_the_generators_gaussian(gac):
+    """Without a generator, acting gives the mean; with one (exploration with --explore-actions sample), draws from
+    N(mean, std^2) clipped to the action box [-1, 1], the same draws from the same seed."""
+    model = tiny_model(gac).eval()
+    with torch.no_grad():
+        model.generator.action_mean.weight.zero_()
+        model.generator.action_mean.bias.copy_(torch.tensor([0.2, 0.0]))  # mean (tanh 0.2, 0) for every state
+        model.generator.action_log_std.copy_(torch.tensor([0.05, 10.0]).log())
+    n = 4000
+    states, previous, plans = torch.randn(n, 3), torch.rand(n, 2) * 2 - 1, torch.randn(n, 2, 16)
+    t = torch.zeros(n, dtype=torch.long)
+
+    def draw(noise):
+        return gac.act(model, states, previous, t, plans, [{} for _ in model.generator.blocks], nullcontext, noise)
+
+    mean = draw(None)
+    torch.testing.assert_close(mean, torch.tensor([math.tanh(0.2), 0.0]).expand(n, 2))
+    samples = draw(torch.Generator().manual_seed(0))
+    assert torch.equal(samples, draw(torch.Generator().manual_seed(0)))
+    assert not torch.equal(samples, draw(torch.Generator().manual_seed(1)))
+    residual = samples[:, 0] - mean[:, 0]
+    assert abs(float(residual.mean())) < 0.005 and abs(float(residual.std()) / 0.05 - 1) < 0.05
+    assert samples.abs().max() == 1.0 and (samples[:, 1].abs() == 1.0).float().mean() > 0.9  # std 10: clipped
+
+
 def test_checkpoints_carry_the_online_trajectories_but_not_the_offline_data(gac):
     states, actions = torch.randn(500, 64, 3), torch.randn(500, 64, 2)
     buffer = gac.TrajectoryBuffer(states, actions, torch.full((500,), 64), torch.zeros(500), torch.zeros(500))
@@ -175,7 +201,8 @@ def test_runs_started_in_one_second_get_folders_of_their_own(gac, tmp_path):
 @pytest.mark.parametrize(
     "flag, value, expected",
     [("seed", -1, "--seed must be in [0, 2^32), got -1"), ("seed", 2**32, "--seed must be in [0, 2^32)"),
-     ("posterior_init_logvar", 50.0, "--posterior-init-logvar must be in [-10, 2], got 50.0")],
+     ("posterior_init_logvar", 50.0, "--posterior-init-logvar must be in [-10, 2], got 50.0"),
+     ("explore_actions", "noisy", "--explore-actions must be mean or sample, got 'noisy'")],
 )  # fmt: skip
 def test_flags_out_of_range_get_one_line(gac, flag, value, expected):
     """numpy's seeding raised a ValueError for a negative seed; a posterior wider than the fit's clamp ran on."""

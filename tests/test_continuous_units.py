@@ -522,6 +522,41 @@ def test_rollout_records_every_step_of_every_episode_once(low, high):
     envs.close()
 
 
+def test_rollout_with_action_noise_acts_on_and_records_the_draws():
+    """--explore-actions sample: each action is the mean that the training forward gives the recorded context (the
+    drawn a_{t-1}, not the mean, is the next step's input) plus std x the generator's next normal draw, and the
+    environment gets that action."""
+    model = tiny_model(obs_dim=2, act_dim=1, max_len=16).eval()
+    for weight in model.generator.parameters():
+        torch.nn.init.normal_(weight, std=0.3)
+    with torch.no_grad():
+        model.generator.action_log_std.fill_(math.log(0.2))
+    envs = gym.vector.SyncVectorEnv([CountingEnv for _ in range(3)], autoreset_mode=gym.vector.AutoresetMode.SAME_STEP)
+
+    def choose_plan(s0):
+        return torch.zeros(len(s0), 3, 16), {}
+
+    episodes = gac.rollout(envs, model, choose_plan, 12, lambda obs: obs.astype(np.float32), 0, gac_nullcontext, "t",
+                           action_noise=torch.Generator().manual_seed(0))  # fmt: skip
+    received = [env.received for env in envs.envs]  # every env stepped at every step of the loop
+    replay = torch.Generator().manual_seed(0)
+    noise = torch.stack([torch.randn(3, 1, generator=replay)[:, 0] for _ in received[0]])  # [loop step, env]
+    for states, actions, length, plan in zip(episodes["states"], episodes["actions"], episodes["lengths"],
+                                             episodes["plan"], strict=True):  # fmt: skip
+        (env, start), *_ = [(i, k) for i, r in enumerate(received) for k in range(len(r))
+                            if r[k : k + length] == actions[:, 0].tolist()]  # fmt: skip
+        states, actions = (
+            torch.nn.functional.pad(torch.as_tensor(x), (0, 0, 0, 8 - length)) for x in (states, actions)
+        )
+        with torch.no_grad():
+            plan_tokens = model.plan(plan["z0"][None], states[None, 0])[1]
+            expected = model.generator(states[None], actions[None], torch.arange(8)[None], plan_tokens)[0, :length]
+        drawn = (expected[:, 0] + 0.2 * noise[start : start + length, env]).clamp(-1, 1)
+        torch.testing.assert_close(actions[:length, 0], drawn)
+        assert (actions[:length, 0] - expected[:, 0]).abs().max() > 0.01  # not the mean
+    envs.close()
+
+
 def test_replanning_starts_a_block_with_a_plan_from_the_current_state():
     model = tiny_model(obs_dim=2, act_dim=1, max_len=16).eval()  # context_len 4
     for weight in model.generator.parameters():
