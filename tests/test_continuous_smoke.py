@@ -159,7 +159,8 @@ def test_ablations_start_from_the_offline_model_of_another_run(minari_root, tmp_
     offline_dir = only_run_dir(tmp_path)
     assert os.path.exists(os.path.join(offline_dir, "offline.pt"))
     flags = TINY_FLAGS + ["--exp-name", "prior", "--exploit-steps", "0", "--num-candidates", "1"]
-    run(flags + ["--init-from", offline_dir, "--save-model", "--target-from", "prior"], cwd=tmp_path)
+    run(flags + ["--init-from", offline_dir, "--save-model", "--target-from", "prior", "--explore-actions", "sample"],
+        cwd=tmp_path)  # fmt: skip
     (prior_dir,) = glob.glob(str(tmp_path / "runs" / "*__prior__*"))
     metrics = json.load(open(os.path.join(prior_dir, "metrics.json")))
     assert metrics["init_from"]["path"] == os.path.join(offline_dir, "offline.pt")
@@ -168,6 +169,7 @@ def test_ablations_start_from_the_offline_model_of_another_run(minari_root, tmp_
     assert metrics["local_posteriors"] == offline_metrics["local_posteriors"]  # the model's, for the benchmark table
     assert [e["iteration"] for e in metrics["evaluations"]] == [20, 25] and metrics["online"][0]["round"] == 1
     assert math.isfinite(metrics["online"][0]["target_score"]) and metrics["args"]["target_from"] == "prior"
+    assert metrics["args"]["explore_actions"] == "sample"
     assert [step for step, _ in scalars(prior_dir, "losses/elbo")] == [25]  # trained only in the online round
     assert not os.path.exists(os.path.join(prior_dir, "offline.pt"))
     result = run(flags + ["--init-from", offline_dir, "--d-model", "16"], cwd=tmp_path, check=False)

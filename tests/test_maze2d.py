@@ -208,6 +208,7 @@ def test_end_to_end_regenerates_then_reuses_the_dataset(minari_root, tmp_path):
         "--eval-episodes", "2", "--num-envs", "4", "--num-candidates", "4", "--exploit-steps", "3",
         "--explore-steps", "3", "--online-rounds", "1", "--episodes-per-round", "4", "--online-iterations", "5",
         "--analysis-episodes", "8", "--inner-blocks", "2", "--save-model", "--target-from", "prior",
+        "--explore-actions", "sample",
     ]  # fmt: skip
     script = os.path.join(ROOT, "gac_maze2d.py")
     env = os.environ | {"MINARI_DATASETS_PATH": str(tmp_path / "datasets")}
@@ -221,7 +222,7 @@ def test_end_to_end_regenerates_then_reuses_the_dataset(minari_root, tmp_path):
     assert "NaN" not in (run_dir / "metrics.json").read_text()  # strict JSON, for tools other than Python's
     offline = metrics["analysis"]["offline"]
     assert (offline["arrival_step"] is None) == (offline["success_rate"] == 0)
-    assert set(metrics["analysis"]) == {"offline", "round 1"}
+    assert set(metrics["analysis"]) == {"offline", "round 1"} and metrics["args"]["explore_actions"] == "sample"
     assert 0.0 <= metrics["analysis"]["offline"]["path_efficiency"] <= 1.0
     for name in ["success_by_start_cell_offline.png", "plan_map_round_1.png", "inference_dynamics_10.png"]:
         assert (run_dir / name).exists(), name
