@@ -383,24 +383,33 @@ from matplotlib.ticker import MaxNLocator
 
 datasets = sorted({key[1] for key in rounds_by_key})
 variants = sorted({key[2] for key in rounds_by_key})  # one colour per variant in every panel
+palette = plt.get_cmap("tab10" if len(variants) <= 10 else "tab20")
 several_machines = len({key[3] for key in rounds_by_key}) > 1
-figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), 3.5), squeeze=False)
+labels = {f"{key[2]}, {key[3]}" if several_machines else key[2] for key in rounds_by_key}
+legend_rows = -(-len(labels) // 4)  # one legend under the panels, four entries a row
+height = 3.5 + 0.25 * legend_rows
+figure, axes = plt.subplots(1, len(datasets), figsize=(4.5 * len(datasets), height), squeeze=False)
 for axis, dataset in zip(axes[0], datasets):
     for (script, d, variant, machine), scores in sorted(rounds_by_key.items()):
         if d != dataset:
             continue
         rounds = np.arange(scores.shape[1])
         label = f"{variant}, {machine}" if several_machines else variant
-        color = f"C{variants.index(variant) % 10}"
+        color = palette(variants.index(variant) % palette.N)
         axis.plot(rounds, scores.mean(0), marker="o", label=label, color=color)
-        low, high = scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0)
-        axis.fill_between(rounds, low, high, alpha=0.15, color=color)
+        if len(variants) <= 4:  # +- a std over seeds; the bands of more variants hide each other
+            low, high = scores.mean(0) - scores.std(0), scores.mean(0) + scores.std(0)
+            axis.fill_between(rounds, low, high, alpha=0.15, color=color)
     axis.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole numbers
     axis.set_title(dataset, fontsize=9)
     axis.set_xlabel("online round (0 = offline)")
     axis.set_ylabel("normalised score")
-    axis.legend(fontsize=8)
-figure.tight_layout()
+handles = {}
+for axis in axes[0]:
+    for handle, label in zip(*axis.get_legend_handles_labels(), strict=True):
+        handles.setdefault(label, handle)
+figure.legend(handles.values(), handles.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+figure.tight_layout(rect=(0, 0.25 * legend_rows / height + 0.02, 1, 1))
 figure.savefig(os.path.join(out, "score_by_round.png"), dpi=120)
 print(f"plot: {os.path.join(out, 'score_by_round.png')}")
 EOF
