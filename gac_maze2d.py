@@ -1416,6 +1416,11 @@ def independent_seeds(key: int | list[int], n: int) -> list[int]:
     return np.random.SeedSequence(key).generate_state(n).tolist()
 
 
+def seeded_generator(key: list[int], device: torch.device) -> torch.Generator:
+    """A torch generator of its own for one purpose of one rollout (plans, action noise), seeded from its key."""
+    return torch.Generator(device=device).manual_seed(independent_seeds(key, 1)[0])
+
+
 def rollout(
     envs: gym.vector.VectorEnv,
     model: GAC,
@@ -1953,7 +1958,7 @@ if __name__ == "__main__":
         start = time.time()
         traces = []
         key = [args.seed, 1, iteration]  # this evaluation's own random numbers: training's stay as they are
-        plans = torch.Generator(device=device).manual_seed(independent_seeds(key + [0], 1)[0])
+        plans = seeded_generator(key + [0], device)
 
         def choose_plan(s0):
             z0, trace, best = exploit_plans(model, s0, args, autocast, plans)
@@ -2147,10 +2152,8 @@ if __name__ == "__main__":
                 target_y = None  # one per episode, from its own s0
 
             key = [args.seed, 2, round_index]  # this round's own random numbers
-            plans = torch.Generator(device=device).manual_seed(independent_seeds(key + [0], 1)[0])
-            noise = None
-            if args.explore_actions == "sample":
-                noise = torch.Generator(device=device).manual_seed(independent_seeds(key + [2], 1)[0])
+            plans = seeded_generator(key + [0], device)
+            noise = seeded_generator(key + [2], device) if args.explore_actions == "sample" else None
 
             def choose_plan(s0, target_y=target_y, plans=plans):
                 if target_y is None:

@@ -249,7 +249,8 @@ SHARED = """load_checkpoint claim_run_dir check_same_data describe_data load_off
     stored_data_signature split_episodes Attention Block PriorEncoder TrajectoryGenerator GAC gaussian_log_prob
     gaussian_kl free_bits_kl log_likelihoods fit_local_posteriors active_latent_dims sample_blocks sample_batch
     last_draws to_device train_iteration exploit_plans exploration_target prior_exploration_targets explore_plans
-    ProgressBar act independent_seeds plot_inference_dynamics online_part save_checkpoint seed_everything""".split()
+    ProgressBar act independent_seeds seeded_generator plot_inference_dynamics online_part save_checkpoint
+    seed_everything""".split()
 
 
 @pytest.mark.parametrize("name", SHARED)
