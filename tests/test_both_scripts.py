@@ -220,6 +220,25 @@ def test_rollouts_of_other_rounds_and_seeds_start_elsewhere(gac):
     assert gac.independent_seeds([1, 2, 0, 1], 50) == drawn[0]  # and repeat
 
 
+def test_trainings_generators_repeat_neither_the_global_stream_nor_another_seeds(gac):
+    """Seeded with the seed and seed + 1, the posterior noise repeated torch's global stream (initialisation, dropout)
+    number for number, and --seed 1's batches were --seed 2's initialisation."""
+
+    def first(generator: torch.Generator) -> torch.Tensor:
+        return torch.rand(1000, generator=generator)
+
+    streams = {}
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        streams[f"global {seed}"] = torch.rand(1000)
+        noise, batches = gac.training_generators(seed, torch.device("cpu"))
+        streams[f"noise {seed}"], streams[f"batches {seed}"] = first(noise), first(batches)
+    for name, stream in streams.items():
+        others = [other for key, other in streams.items() if key != name]
+        assert all(not (stream == other).any() for other in others), name
+    assert torch.equal(first(gac.training_generators(1, torch.device("cpu"))[1]), streams["batches 1"])  # and repeat
+
+
 def test_a_checkpoint_continues_only_on_the_data_it_was_trained_on(gac):
     """Its local posteriors belong row by row to the offline trajectories: a dataset regenerated, replaced or
     downloaded since must stop the run, not hand each trajectory another's posterior."""
@@ -249,8 +268,8 @@ SHARED = """load_checkpoint claim_run_dir check_same_data describe_data load_off
     stored_data_signature split_episodes Attention Block PriorEncoder TrajectoryGenerator GAC gaussian_log_prob
     gaussian_kl free_bits_kl log_likelihoods fit_local_posteriors active_latent_dims sample_blocks sample_batch
     last_draws to_device train_iteration exploit_plans exploration_target prior_exploration_targets explore_plans
-    ProgressBar act independent_seeds seeded_generator plot_inference_dynamics online_part save_checkpoint
-    seed_everything""".split()
+    ProgressBar act independent_seeds seeded_generator training_generators plot_inference_dynamics online_part
+    save_checkpoint seed_everything""".split()
 
 
 @pytest.mark.parametrize("name", SHARED)
