@@ -358,6 +358,27 @@ note = ("Scores: the mean over seeds of each run's mean score, +- the standard d
         "is per step with z0 from the posteriors than from the prior, on the last logged batch of offline training; "
         "near 0 the generator ignores the plan, and no inference on the plan can steer the actions (README, "
         "implementation notes).")
+# how far a run's score moves from one round's evaluation to the next: a row's score after the rounds is one draw
+moves, noise = defaultdict(list), defaultdict(list)
+for (script, dataset, variant, machine), runs in groups.items():
+    for run in runs:
+        evaluations, episodes = run.get("online", []), run["args"].get("eval_episodes")
+        for before, after in zip(evaluations, evaluations[1:]):
+            moves[(dataset, machine)].append(abs(after["score_mean"] - before["score_mean"]))
+            if episodes and "score_std" in before and "score_std" in after:  # two independent means of episodes:
+                std = np.hypot(before["score_std"], after["score_std"]) / np.sqrt(episodes)  # E|a - b| = 0.80 std
+                noise[(dataset, machine)].append(np.sqrt(2 / np.pi) * std)
+if moves:
+    several = len({key[3] for key in groups}) > 1  # the table's machines: name them
+    parts = []
+    for (dataset, machine), values in sorted(moves.items()):
+        part = f"{dataset}{', ' + machine if several else ''} {np.mean(values):.1f} (largest {np.max(values):.1f}"
+        if noise[(dataset, machine)]:
+            part += f"; an evaluation's own noise alone: {np.mean(noise[(dataset, machine)]):.1f}"
+        parts.append(part + ")")
+    note += (" Between consecutive online rounds' evaluations a run's score moved by, on average: " + ", ".join(parts)
+             + ". A row's score after the rounds is one draw of that movement: differences between rows smaller than "
+             "it need more seeds.")  # fmt: skip
 table = "\n".join(lines) + f"\n\n{note}\n\nCommands (each seed of the row):\n\n" + "\n".join(commands) + "\n"
 with open(os.path.join(out, "results.md"), "w") as f:
     f.write(table)

@@ -85,8 +85,9 @@ def fake_run(
     metrics = {
         "script": script, "dataset_id": dataset, "device": "cuda", "machine": machine,
         "command": f"python {script} --env-id umaze --seed {seed} --exp-name bench-{variant}",
-        "args": {"exp_name": f"bench-{variant}", "seed": seed, "online_rounds": online_rounds} | (args or {}),
-        "offline": {"score_mean": offline}, "online": [{"score_mean": s} for s in online or []],
+        "args": {"exp_name": f"bench-{variant}", "seed": seed, "online_rounds": online_rounds, "eval_episodes": 10}
+        | (args or {}),
+        "offline": {"score_mean": offline}, "online": [{"score_mean": s, "score_std": 20.0} for s in online or []],
         "timings_s": {"total": 100.0 * seed},
         "local_posteriors": {"std": 0.5 + 0.2 * seed, "active_dims": 100 * seed, "dims": 512,
                              "plan_gain_action_per_step": 0.01 * seed},
@@ -148,6 +149,9 @@ def test_collect_writes_the_table_into_the_readme_and_the_plot(tmp_path):
     assert "| fixed-target | 3 | 90.0 +- 0.0 | 95.0 +- 0.0 (1 round) |" in readme and "| CPU (2 cores) |" in readme
     assert readme.count("| gac_maze2d.py |") == 6  # fixed-target twice (two machines); no run of another table
     assert "| speed |" not in readme
+    # rounds 1 -> 2 moved by 10, 10, 10, 0 and 1 on the H100 (CPU: one round); two 10-episode means of std 20: 7.1
+    moved = "score moved by, on average: gac-regenerated/x-v2, NVIDIA H100 6.2 (largest 10.0; an evaluation's own "
+    assert moved + "noise alone: 7.1). A row's" in readme and "x-v2, CPU (2 cores) " not in readme
     assert (tmp_path / "benchmark" / "score_by_round.png").stat().st_size > 0
     # --out names the folder and the block, which may be in docs/: README's block untouched
     (tmp_path / "docs").mkdir()
