@@ -571,7 +571,8 @@ def act_speed(num_envs=50):
     g.exploit_plans(model, s0, args, autocast)
     if device.type == "cuda":
         torch.cuda.synchronize()
-    print(f"exploit_plans {num_envs} states x 16 candidates x 50 steps: {time.time() - t0:.2f} s", flush=True)
+    print(f"exploit_plans {num_envs} states x {args.num_candidates} candidates x {args.exploit_steps} steps: "
+          f"{time.time() - t0:.2f} s", flush=True)
 
 
 def eval_speed(num_envs=4 if small else 50):

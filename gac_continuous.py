@@ -134,7 +134,7 @@ class Args:
     # Exploitation (evaluation): gradient ascent on the plan
     num_candidates: int = 16
     """candidate plans z0 ~ N(0, I) per episode; the best after ascent is used"""
-    exploit_steps: int = 50
+    exploit_steps: int = 20
     """gradient-ascent steps on E[y | z] - kl_weight/2 ||z0||^2 (0 with --num-candidates 1: plans from the prior)"""
     exploit_lr: float = 0.05
     """Adam learning rate of the ascent"""
